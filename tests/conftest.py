@@ -1,0 +1,151 @@
+"""Shared personas and helpers. Every ingestion test runs on whichever path the pass configures:
+buffered (PostgreSQL + Redis) or direct (SQLite); `settle()` makes buffered rows visible."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+from django.conf import settings
+from django.db import connection, connections
+from rest_framework.test import APIClient
+
+from tokenmgr_project import redis as tm_redis
+from usage import pricing, services
+from usage.auth import key_cache
+from usage.models import ApiKey, TokenUsage
+
+CI = os.environ.get("CI") == "true"
+T = TypeVar("T")
+
+
+def settle() -> None:
+    """Flush the Redis buffer (if any) so accepted usage is in the ledger."""
+    services.usage_flush(reclaim_idle_ms=0)
+
+
+def child_database_url() -> str:
+    """A DATABASE_URL that points a child process at this test run's database."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    user, host, port = db["USER"] or "postgres", db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{user}@{host}:{port}/{db['NAME']}"
+
+
+def rows(**filters: Any) -> int:
+    settle()
+    return TokenUsage.objects.filter(**filters).count()
+
+
+def event(request_id: str, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "request_id": request_id,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "input_tokens": 100,
+        "output_tokens": 20,
+    }
+    base.update(fields)
+    return base
+
+
+def run_concurrently(fn: Callable[[], T], times: int) -> list[T]:
+    """Run fn in `times` threads released together; each thread closes its DB connection."""
+    barrier = threading.Barrier(times)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            barrier.wait()
+            results.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=target) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@dataclass
+class Persona:
+    name: str
+    client: APIClient
+    key: ApiKey | None = None
+    raw_key: str = ""
+
+
+def _key_persona(name: str, **scope: str) -> Persona:
+    key, raw = services.api_key_create(name=name, **scope)  # type: ignore[arg-type]
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return Persona(name, client, key, raw)
+
+
+@pytest.fixture
+def platform(db: None) -> Persona:
+    """The platform team's global (admin) API key."""
+    return _key_persona("platform", scope="global")
+
+
+@pytest.fixture
+def team_lead(db: None) -> Persona:
+    """A team-scoped key for team "search"."""
+    return _key_persona("team lead", scope="team", team_id="search")
+
+
+@pytest.fixture
+def member(db: None) -> Persona:
+    """A project-scoped key: team "search", project "ranker"."""
+    return _key_persona("member", scope="project", team_id="search", project_id="ranker")
+
+
+@pytest.fixture
+def outsider(db: None) -> Persona:
+    """A project-scoped key for another team's project."""
+    return _key_persona("outsider", scope="project", team_id="ads", project_id="bidder")
+
+
+@pytest.fixture
+def admin(db: None, django_user_model: Any) -> Persona:
+    """A staff superuser logged in (browsable API and admin)."""
+    user = django_user_model.objects.create_superuser("admin", "admin@example.com", "pw-admin-123")
+    client = APIClient()
+    client.force_login(user)
+    return Persona("admin", client)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fresh Redis keyspace and fresh per-process caches for every test."""
+    needs_services = request.node.get_closest_marker("services") is not None
+    if needs_services and not (
+        settings.REDIS_URL and "postgresql" in settings.DATABASES["default"]["ENGINE"]
+    ):
+        message = "needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL)"
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    if settings.REDIS_URL:
+        try:
+            tm_redis.client().flushdb()
+        except tm_redis.REDIS_ERRORS as exc:
+            pytest.fail(f"Redis at {settings.REDIS_URL} is unreachable: {exc}")
+    tm_redis.reset()
+    key_cache.clear()
+    pricing.overrides.invalidate()
+    services._config_cache = None
+    yield
+    tm_redis.reset()

@@ -1,0 +1,68 @@
+"""The process-wide Redis client, and a breaker so a dead Redis costs one timeout, not one per
+request: after a failure callers skip Redis for BREAKER_SECONDS and use their fallback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+from django.conf import settings
+
+BREAKER_SECONDS = 5.0
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+_lock = threading.Lock()
+_client: redis.Redis | None = None
+_client_url = ""
+_open_until = 0.0
+
+
+def configured() -> bool:
+    return bool(settings.REDIS_URL)
+
+
+def client() -> redis.Redis:
+    """The shared client. Raises RuntimeError when REDIS_URL is empty."""
+    global _client, _client_url
+    url = settings.REDIS_URL
+    if not url:
+        raise RuntimeError("REDIS_URL is not set")
+    if _client is None or _client_url != url:
+        with _lock:
+            if _client is None or _client_url != url:
+                _client = redis.Redis.from_url(
+                    url,
+                    socket_connect_timeout=0.5,
+                    socket_timeout=5.0,
+                    health_check_interval=30,
+                    max_connections=64,
+                )
+                _client_url = url
+    return _client
+
+
+def available() -> bool:
+    """Configured and not recently failed."""
+    return configured() and time.monotonic() >= _open_until
+
+
+def trip() -> None:
+    global _open_until
+    _open_until = time.monotonic() + BREAKER_SECONDS
+
+
+def reset() -> None:
+    global _open_until
+    _open_until = 0.0
+
+
+def key(*parts: str) -> str:
+    return ":".join((settings.REDIS_KEY_PREFIX, *parts))
+
+
+def ping() -> bool:
+    try:
+        return bool(client().ping())
+    except REDIS_ERRORS:
+        return False

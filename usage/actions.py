@@ -1,0 +1,396 @@
+"""The action registry: every operation as a named action with a validated input.
+
+REST views and `POST /signals` both call `run()`, so the two can never disagree. Other apps
+register their actions with `@action(...)` from their own `actions` module (imported in ready()).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.utils import timezone
+from pydantic import BaseModel, ValidationError
+
+from usage import pricing, selectors, services, tokenizer
+from usage.auth import Principal
+from usage.errors import ApiError, pydantic_field_errors
+from usage.models import TokenUsage
+from usage.schemas import (
+    CompareIn,
+    ConfigureIn,
+    ModelRef,
+    PriceOverrideIn,
+    QuoteIn,
+    TokenizeIn,
+    TruncateIn,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    body: dict[str, Any]
+    status: int = 200
+
+
+Handler = Callable[[Principal, Any], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    name: str
+    handler: Handler
+    description: str
+    staff_or_global: bool
+
+
+REGISTRY: dict[str, Action] = {}
+M = TypeVar("M", bound=BaseModel)
+
+
+def action(
+    name: str, description: str, *, staff_or_global: bool = False
+) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        if name in REGISTRY:
+            raise RuntimeError(f"action {name!r} registered twice")
+        REGISTRY[name] = Action(name, handler, description, staff_or_global)
+        return handler
+
+    return register
+
+
+def run(name: str, principal: Principal, data: Any) -> Outcome:
+    entry = REGISTRY.get(name)
+    if entry is None:
+        known = sorted(REGISTRY)
+        raise ApiError(
+            f"Unknown action type {name!r}.",
+            fields={"type": [f"Unknown action. Known actions: {', '.join(known)}."]},
+        )
+    if entry.staff_or_global and not principal.is_global:
+        raise ApiError(
+            f"{name} needs a global API key or a staff session.",
+            status_code=403,
+            code="permission_denied",
+        )
+    return entry.handler(principal, data)
+
+
+def validate(schema: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise ApiError("Invalid input.", fields={"non_field_errors": ["Expected a JSON object."]})
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError("Invalid input.", fields=pydantic_field_errors(exc)) from None
+
+
+# --- usage -------------------------------------------------------------------------------------
+
+
+def usage_out(row: TokenUsage) -> dict[str, Any]:
+    return {
+        "request_id": row.request_id,
+        "occurred_at": row.occurred_at.isoformat(),
+        "provider": row.provider,
+        "model": row.model,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "cache_read_tokens": row.cache_read_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
+        "total_tokens": row.total_tokens,
+        "cost": pricing.money(row.cost),
+        "currency": row.currency,
+        "price_source": row.price_source,
+        "price_ref": row.price_ref,
+        "unpriced": row.unpriced,
+        "estimated": row.estimated,
+        "team_id": row.team_id,
+        "project_id": row.project_id,
+        "user_id": row.user_id,
+        "feature": row.feature,
+        "agent": row.agent,
+        "task_type": row.task_type,
+        "conversation_id": row.conversation_id,
+        "workflow_id": row.workflow_id,
+        "status": row.status,
+        "error_type": row.error_type,
+        "latency_ms": row.latency_ms,
+        "metadata": row.metadata,
+        "reservation_id": row.reservation_id,
+        "provenance": {
+            "parent_request_id": row.parent_request_id,
+            "root_request_id": row.root_request_id,
+            "relationship": row.relationship,
+            "intent": row.intent,
+            "input_hash": row.input_hash,
+            "output_hash": row.output_hash,
+            "cache_hit": row.cache_hit,
+        },
+    }
+
+
+@action("track_usage", "Record one LLM request's usage (SPEC §4 usage event).")
+def track_usage(principal: Principal, data: Any) -> Outcome:
+    result = services.usage_ingest(principal=principal, events=[data])[0]
+    if result.status == "rejected":
+        raise ApiError("Invalid usage event.", fields=result.errors)
+    body = result.as_dict()
+    del body["index"], body["status"]
+    return Outcome(body, status=200 if result.status == "duplicate" else 201)
+
+
+@action("track_usage_batch", "Record up to 1,000 usage events; one result per event.")
+def track_usage_batch(principal: Principal, data: Any) -> Outcome:
+    events = data.get("events") if isinstance(data, dict) else data
+    if isinstance(data, dict) and set(data) - {"events"}:
+        raise ApiError(
+            "Invalid batch.", fields={k: ["Unknown field."] for k in sorted(set(data) - {"events"})}
+        )
+    if not isinstance(events, list):
+        raise ApiError("Invalid batch.", fields={"events": ["Expected a list of usage events."]})
+    if not events:
+        raise ApiError("Invalid batch.", fields={"events": ["Send at least one event."]})
+    if len(events) > settings.TOKENMGR_BATCH_MAX:
+        raise ApiError(
+            "Batch too large.",
+            fields={
+                "events": [
+                    f"At most {settings.TOKENMGR_BATCH_MAX} events per batch; got {len(events)}."
+                ]
+            },
+            status_code=413,
+            code="too_large",
+        )
+    results = services.usage_ingest(principal=principal, events=events)
+    counts = {"created": 0, "duplicate": 0, "rejected": 0}
+    for item in results:
+        counts[item.status] += 1
+    return Outcome(
+        {
+            "created": counts["created"],
+            "duplicates": counts["duplicate"],
+            "rejected": counts["rejected"],
+            "results": [item.as_dict() for item in results],
+        }
+    )
+
+
+@action("get_usage", "List usage newest first, filtered by any dimension and time range.")
+def get_usage(principal: Principal, data: Any) -> Outcome:
+    params = data if isinstance(data, dict) else {}
+    rows, next_cursor = selectors.usage_list(principal=principal, params=params)
+    return Outcome({"results": [usage_out(r) for r in rows], "next_cursor": next_cursor})
+
+
+@action("get_usage_summary", "Totals grouped by dimensions and by hour/day/week/month.")
+def get_usage_summary(principal: Principal, data: Any) -> Outcome:
+    params = data if isinstance(data, dict) else {}
+    return Outcome(selectors.usage_summary(principal=principal, params=params))
+
+
+@action("get_status", "Health: database and Redis reachability, buffer depth, last flush.")
+def get_status(principal: Principal, data: Any) -> Outcome:
+    body = selectors.health_snapshot()
+    return Outcome(body, status=200 if body["database"]["reachable"] else 503)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+@action("tokenize", "Count tokens of a text or chat messages with the model's encoding.")
+def tokenize(principal: Principal, data: Any) -> Outcome:
+    params = validate(TokenizeIn, data)
+    if (params.text is None) == (params.messages is None):
+        raise ApiError("Invalid input.", fields={"text": ["Give text or messages (exactly one)."]})
+    choice = tokenizer.encoding_for_model(params.model)
+    encoding = tokenizer.get_encoding(choice.name)
+    if params.text is not None:
+        count = tokenizer.count_text(params.text, encoding)
+    else:
+        count = tokenizer.count_messages(params.messages or [], encoding)
+    return Outcome(
+        {
+            "model": params.model,
+            "encoding": choice.name,
+            "estimated": choice.estimated,
+            "tokens": count,
+        }
+    )
+
+
+@action("truncate", "Trim text to at most max_tokens, on a token boundary.")
+def truncate(principal: Principal, data: Any) -> Outcome:
+    params = validate(TruncateIn, data)
+    choice = tokenizer.encoding_for_model(params.model)
+    result = tokenizer.truncate_text(
+        params.text, params.max_tokens, tokenizer.get_encoding(choice.name)
+    )
+    return Outcome(
+        {
+            "model": params.model,
+            "encoding": choice.name,
+            "estimated": choice.estimated,
+            "text": result.text,
+            "tokens": result.tokens,
+            "original_tokens": result.original_tokens,
+            "truncated": result.truncated,
+        }
+    )
+
+
+# --- pricing -----------------------------------------------------------------------------------
+
+
+def _quote(provider: str, model: str, params: QuoteIn | CompareIn) -> dict[str, Any]:
+    at = params.at or timezone.now()
+    if params.cache_read_tokens + params.cache_write_tokens > params.input_tokens:
+        raise ApiError(
+            "Invalid token counts.",
+            fields={
+                "cache_read_tokens": ["cache_read_tokens + cache_write_tokens exceed input_tokens."]
+            },
+        )
+    price = pricing.price_usage(
+        provider=provider.lower(),
+        model=model,
+        at=at,
+        input_tokens=params.input_tokens,
+        output_tokens=params.output_tokens,
+        cache_read_tokens=params.cache_read_tokens,
+        cache_write_tokens=params.cache_write_tokens,
+    )
+    return {
+        "provider": price.provider,
+        "model": model,
+        "cost": pricing.money(price.cost),
+        "input_cost": pricing.money(price.input_cost),
+        "output_cost": pricing.money(price.output_cost),
+        "currency": price.currency,
+        "unpriced": price.unpriced,
+        "price_source": price.source,
+        "price_ref": price.ref,
+        "context_window": pricing.context_window(provider, model),
+    }
+
+
+@action("quote_price", "Cost of one request's token volumes on one model.")
+def quote_price(principal: Principal, data: Any) -> Outcome:
+    params = validate(QuoteIn, data)
+    return Outcome(_quote(params.provider, params.model, params))
+
+
+@action("compare_prices", "The same token volumes on several models, cheapest first.")
+def compare_prices(principal: Principal, data: Any) -> Outcome:
+    params = validate(CompareIn, data)
+    refs = [m if isinstance(m, ModelRef) else ModelRef(model=m) for m in params.models]
+    quotes = [_quote(ref.provider, ref.model, params) for ref in refs]
+    priced = sorted((q for q in quotes if not q["unpriced"]), key=lambda q: Decimal(q["cost"]))
+    unpriced = [q for q in quotes if q["unpriced"]]
+    cheapest = Decimal(priced[0]["cost"]) if priced else None
+    for q in priced:
+        q["vs_cheapest"] = (
+            pricing.money(Decimal(q["cost"]) - cheapest) if cheapest is not None else None
+        )
+    return Outcome({"currency": pricing.CURRENCY, "results": priced + unpriced})
+
+
+@action("get_pricing", "The price catalogue (genai-prices) and the active overrides.")
+def get_pricing(principal: Principal, data: Any) -> Outcome:
+    from usage.models import ModelPrice
+
+    params = data if isinstance(data, dict) else {}
+    provider = str(params.get("provider") or "").lower()
+    search = str(params.get("model") or "").lower()
+    rows = [
+        r
+        for r in pricing.catalogue_entries()
+        if (not provider or r["provider"] == provider)
+        and (not search or search in r["model"].lower())
+    ]
+    overrides = [
+        {
+            "id": o.pk,
+            "provider": o.provider,
+            "model": o.model,
+            "input_per_mtok": str(o.input_per_mtok),
+            "output_per_mtok": str(o.output_per_mtok),
+            "cache_read_per_mtok": None
+            if o.cache_read_per_mtok is None
+            else str(o.cache_read_per_mtok),
+            "cache_write_per_mtok": None
+            if o.cache_write_per_mtok is None
+            else str(o.cache_write_per_mtok),
+            "effective_from": o.effective_from.isoformat(),
+            "note": o.note,
+        }
+        for o in ModelPrice.objects.all()
+        if (not provider or o.provider in ("", provider))
+        and (not search or search in o.model.lower())
+    ]
+    return Outcome(
+        {
+            "catalogue_version": pricing.CATALOGUE_VERSION,
+            "currency": pricing.CURRENCY,
+            "overrides": overrides,
+            "catalogue": rows,
+        }
+    )
+
+
+@action(
+    "update_pricing",
+    "Create or replace a price override (global key or staff).",
+    staff_or_global=True,
+)
+def update_pricing(principal: Principal, data: Any) -> Outcome:
+    params = validate(PriceOverrideIn, data)
+    row, created = services.model_price_set(
+        provider=params.provider,
+        model=params.model,
+        input_per_mtok=params.input_per_mtok,
+        output_per_mtok=params.output_per_mtok,
+        cache_read_per_mtok=params.cache_read_per_mtok,
+        cache_write_per_mtok=params.cache_write_per_mtok,
+        effective_from=params.effective_from,
+        note=params.note,
+    )
+    return Outcome(
+        {
+            "id": row.pk,
+            "provider": row.provider,
+            "model": row.model,
+            "input_per_mtok": str(row.input_per_mtok),
+            "output_per_mtok": str(row.output_per_mtok),
+            "cache_read_per_mtok": None
+            if row.cache_read_per_mtok is None
+            else str(row.cache_read_per_mtok),
+            "cache_write_per_mtok": None
+            if row.cache_write_per_mtok is None
+            else str(row.cache_write_per_mtok),
+            "effective_from": row.effective_from.isoformat(),
+            "created": created,
+        },
+        status=201 if created else 200,
+    )
+
+
+@action(
+    "configure_manager", "Change run-time settings (global key or staff).", staff_or_global=True
+)
+def configure_manager(principal: Principal, data: Any) -> Outcome:
+    params = validate(ConfigureIn, data)
+    config = services.manager_config_update(**params.model_dump())
+    return Outcome(
+        {
+            "buffer_size": config.buffer_size,
+            "flush_interval": config.flush_interval,
+            "retention_days": config.retention_days,
+            "alert_channels": config.alert_channels,
+            "optimization_enabled": config.optimization_enabled,
+        }
+    )

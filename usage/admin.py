@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+
+from usage import pricing, services
+from usage.models import ApiKey, ManagerConfig, ModelPrice, TokenUsage
+
+# The admin never counts a large ledger: it counts at most this many matching rows.
+COUNT_CAP = 10_000
+
+
+class CappedCountPaginator(Paginator):
+    """Counts at most COUNT_CAP rows (a bounded LIMIT sub-query), never COUNT(*) of the table."""
+
+    @cached_property
+    def count(self) -> int:  # type: ignore[override]
+        return self.object_list[: COUNT_CAP + 1].count()
+
+
+@admin.register(TokenUsage)
+class TokenUsageAdmin(admin.ModelAdmin):
+    list_display = (
+        "request_id",
+        "occurred_at",
+        "provider",
+        "model",
+        "total_tokens",
+        "cost",
+        "team_id",
+        "project_id",
+        "agent",
+        "status",
+        "unpriced",
+    )
+    list_filter = (
+        ("occurred_at", admin.DateFieldListFilter),
+        "status",
+        "unpriced",
+        "price_source",
+        "estimated",
+    )
+    search_fields = ("=request_id",)
+    search_help_text = "Exact request id."
+    ordering = ("-occurred_at", "-id")
+    paginator = CappedCountPaginator
+    show_full_result_count = False
+    list_per_page = 50
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "prefix",
+        "scope",
+        "team_id",
+        "project_id",
+        "created_at",
+        "last_used_at",
+        "status",
+    )
+    list_filter = ("scope",)
+    search_fields = ("name", "prefix", "team_id", "project_id")
+    actions = ("revoke",)
+    fields = ("name", "scope", "team_id", "project_id")
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ApiKey | None = None
+    ) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        return (
+            "prefix",
+            "scope",
+            "team_id",
+            "project_id",
+            "created_at",
+            "created_by",
+            "last_used_at",
+            "revoked_at",
+        )
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return self.fields
+        return ("name", *self.get_readonly_fields(request, obj))
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        return (
+            "active"
+            if obj.is_active
+            else format_html("<strong>revoked</strong> {}", obj.revoked_at)
+        )
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            obj.save(update_fields=["name"])
+            return
+        key, raw = services.api_key_create(
+            name=obj.name,
+            scope=obj.scope,
+            team_id=obj.team_id,
+            project_id=obj.project_id,
+            created_by=request.user,
+        )
+        obj.pk = key.pk
+        obj.prefix, obj.key_hash, obj.created_at = key.prefix, key.key_hash, key.created_at
+        messages.warning(
+            request,
+            format_html(
+                "Copy this API key now; it will not be shown again: "
+                "<code id='new-api-key'>{}</code>",
+                raw,
+            ),
+        )
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        count = 0
+        for key in queryset.filter(revoked_at__isnull=True):
+            services.api_key_revoke(key=key)
+            count += 1
+        messages.success(request, f"Revoked {count} key(s).")
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    list_display = (
+        "model",
+        "provider",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cache_read_per_mtok",
+        "cache_write_per_mtok",
+        "effective_from",
+        "note",
+    )
+    search_fields = ("model", "provider")
+    list_filter = ("provider",)
+
+    def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        pricing.overrides.invalidate()
+
+    def delete_model(self, request: HttpRequest, obj: ModelPrice) -> None:
+        super().delete_model(request, obj)
+        pricing.overrides.invalidate()
+
+
+@admin.register(ManagerConfig)
+class ManagerConfigAdmin(admin.ModelAdmin):
+    list_display = (
+        "__str__",
+        "buffer_size",
+        "flush_interval",
+        "retention_days",
+        "optimization_enabled",
+        "updated_at",
+    )
+    fields = (
+        "buffer_size",
+        "flush_interval",
+        "retention_days",
+        "alert_channels",
+        "optimization_enabled",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not ManagerConfig.objects.exists()
+
+    def save_model(self, request: HttpRequest, obj: ManagerConfig, form: Any, change: bool) -> None:
+        obj.pk = 1
+        super().save_model(request, obj, form, change)
+        services.manager_config_update()

@@ -1,0 +1,203 @@
+"""REST views: parse the request, run the named action, shape the response. No rules here."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import urlencode
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from usage import actions
+from usage.auth import principal_for
+from usage.errors import ApiError
+from usage.schemas import (
+    CompareIn,
+    PriceOverrideIn,
+    QuoteIn,
+    TokenizeIn,
+    TruncateIn,
+    UsageBatchIn,
+    UsageEventIn,
+)
+from usage.selectors import FILTER_FIELDS
+
+_RESERVED_QUERY = {"format"}
+
+
+def _query(request: Request) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name in request.query_params:
+        if name in _RESERVED_QUERY:
+            continue
+        values = request.query_params.getlist(name)
+        params[name] = ",".join(values) if name == "group_by" else values[-1]
+    return params
+
+
+class ActionView(APIView):
+    """Maps HTTP methods to registered actions: `actions_by_method = {"post": "track_usage"}`."""
+
+    actions_by_method: ClassVar[dict[str, str]] = {}
+
+    def _run(self, request: Request, method: str, data: Any) -> Response:
+        outcome = actions.run(self.actions_by_method[method], principal_for(request), data)
+        return Response(outcome.body, status=outcome.status)
+
+    def _body(self, request: Request) -> Any:
+        data = request.data
+        if hasattr(data, "dict") and not isinstance(data, dict):
+            raise ApiError("Invalid body.", fields={"body": ["Send a JSON body."]}, status_code=415)
+        return data
+
+
+_filters_doc = [
+    OpenApiParameter(name, str, description=f"Only usage with this {name}.")
+    for name in FILTER_FIELDS
+] + [
+    OpenApiParameter("since", str, description="ISO 8601, inclusive."),
+    OpenApiParameter("until", str, description="ISO 8601, exclusive."),
+]
+
+
+class UsageApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"get": "get_usage", "post": "track_usage"}
+
+    @extend_schema(
+        parameters=[*_filters_doc, OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
+        responses={200: dict},
+        summary="List usage (keyset-paginated)",
+    )
+    def get(self, request: Request) -> Response:
+        response = self._run(request, "get", _query(request))
+        cursor = response.data.get("next_cursor")
+        if cursor:
+            params = {**_query(request), "cursor": cursor}
+            response.data["next"] = (
+                request.build_absolute_uri(request.path) + "?" + urlencode(params)
+            )
+        else:
+            response.data["next"] = None
+        return response
+
+    @extend_schema(
+        request=UsageEventIn, responses={201: dict, 200: dict}, summary="Track one request's usage"
+    )
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class UsageBatchApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "track_usage_batch"}
+
+    @extend_schema(request=UsageBatchIn, responses={200: dict}, summary="Track up to 1,000 events")
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class UsageSummaryApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"get": "get_usage_summary"}
+
+    @extend_schema(
+        parameters=[
+            *_filters_doc,
+            OpenApiParameter("group_by", str, description="Comma-separated dimensions."),
+            OpenApiParameter("interval", str, enum=["hour", "day", "week", "month"]),
+            OpenApiParameter("tz", str, description="IANA time zone for interval buckets."),
+        ],
+        responses={200: dict},
+        summary="Usage totals grouped by dimensions and time",
+    )
+    def get(self, request: Request) -> Response:
+        return self._run(request, "get", _query(request))
+
+
+class HealthApi(APIView):
+    authentication_classes: ClassVar[list[Any]] = []
+    permission_classes: ClassVar[list[Any]] = [AllowAny]
+
+    @extend_schema(responses={200: dict, 503: dict}, summary="Health and buffer state")
+    def get(self, request: Request) -> Response:
+        outcome = actions.get_status(None, {})  # type: ignore[arg-type]  # public, reads no scoped data
+        return Response(outcome.body, status=outcome.status)
+
+
+class TokenizeApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "tokenize"}
+
+    @extend_schema(request=TokenizeIn, responses={200: dict}, summary="Count tokens")
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class TruncateApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "truncate"}
+
+    @extend_schema(request=TruncateIn, responses={200: dict}, summary="Trim text to max_tokens")
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class PricingApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"get": "get_pricing", "post": "update_pricing"}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("provider", str),
+            OpenApiParameter("model", str, description="Substring."),
+        ],
+        responses={200: dict},
+        summary="Price catalogue and overrides",
+    )
+    def get(self, request: Request) -> Response:
+        return self._run(request, "get", _query(request))
+
+    @extend_schema(
+        request=PriceOverrideIn, responses={201: dict, 200: dict}, summary="Set a price override"
+    )
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class QuoteApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "quote_price"}
+
+    @extend_schema(request=QuoteIn, responses={200: dict}, summary="Price one request")
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class CompareApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "compare_prices"}
+
+    @extend_schema(
+        request=CompareIn, responses={200: dict}, summary="Compare models, cheapest first"
+    )
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class SignalsApi(APIView):
+    @extend_schema(request=dict, responses={200: dict}, summary="Run an action by name")
+    def post(self, request: Request) -> Response:
+        envelope = request.data
+        if not isinstance(envelope, dict):
+            raise ApiError(
+                "Invalid signal.", fields={"body": ['Send {"type": ..., "data": {...}}.']}
+            )
+        unknown = sorted(set(envelope) - {"type", "data"})
+        if unknown:
+            raise ApiError("Invalid signal.", fields={k: ["Unknown field."] for k in unknown})
+        kind = envelope.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise ApiError(
+                "Invalid signal.",
+                fields={
+                    "type": [f"Required. Known actions: {', '.join(sorted(actions.REGISTRY))}."]
+                },
+            )
+        outcome = actions.run(kind, principal_for(request), envelope.get("data", {}))
+        return Response({"type": kind, "result": outcome.body}, status=outcome.status)

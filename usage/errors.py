@@ -1,0 +1,116 @@
+"""One error shape for every interface: {"error": {"code", "message", "fields"}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from pydantic import ValidationError
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+FieldErrors = dict[str, list[str]]
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        code: str = "invalid",
+        fields: FieldErrors | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.fields = fields or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "fields": self.fields}}
+
+
+def _friendly(error_type: str, message: str) -> str:
+    if error_type == "missing":
+        return "This field is required."
+    if error_type == "extra_forbidden":
+        return "Unknown field."
+    return message
+
+
+def pydantic_field_errors(exc: ValidationError, prefix: str = "") -> FieldErrors:
+    fields: FieldErrors = {}
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        # Union members add tags such as "str-enum[RelationshipType]" to the location: not fields.
+        parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
+        path = ".".join(parts) or "non_field_errors"
+        message = _friendly(err["type"], err["msg"])
+        if message not in fields.setdefault(prefix + path, []):
+            fields[prefix + path].append(message)
+    return fields
+
+
+def validation_error(fields: FieldErrors, message: str = "Invalid input.") -> ApiError:
+    return ApiError(message, status_code=400, code="invalid", fields=fields)
+
+
+def _drf_fields(detail: Any) -> FieldErrors:
+    if isinstance(detail, dict):
+        return {
+            str(k): [str(v) for v in (vals if isinstance(vals, list) else [vals])]
+            for k, vals in detail.items()
+        }
+    if isinstance(detail, list):
+        return {"non_field_errors": [str(v) for v in detail]}
+    return {}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ApiError):
+        return Response(exc.body(), status=exc.status_code)
+    if isinstance(exc, ValidationError):
+        err = validation_error(pydantic_field_errors(exc))
+        return Response(err.body(), status=err.status_code)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ParseError):
+        # Malformed JSON: point at the body, the only "field" there is.
+        body = {
+            "error": {
+                "code": "parse_error",
+                "message": str(exc.detail),
+                "fields": {"body": [str(exc.detail)]},
+            }
+        }
+    elif isinstance(exc, exceptions.UnsupportedMediaType):
+        body = {
+            "error": {
+                "code": "unsupported_media_type",
+                "message": str(exc.detail),
+                "fields": {"content_type": ["Send Content-Type: application/json."]},
+            }
+        }
+    elif isinstance(exc, exceptions.ValidationError):
+        body = validation_error(_drf_fields(exc.detail)).body()
+    elif isinstance(exc, exceptions.APIException):
+        detail = exc.detail
+        message = str(detail) if not isinstance(detail, (dict, list)) else "Request failed."
+        fields = _drf_fields(detail) if isinstance(detail, (dict, list)) else {}
+        if response.status_code == status.HTTP_401_UNAUTHORIZED:
+            fields = fields or {"authorization": [message]}
+        body = {
+            "error": {
+                "code": exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
+                "message": message,
+                "fields": fields,
+            }
+        }
+    else:  # pragma: no cover - DRF only returns responses for APIException subclasses
+        return response
+    response.data = body
+    return response

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+
+# Columns an attribution filter or group-by may name (GET /usage, /usage/summary, key scopes).
+ATTRIBUTION_DIMENSIONS = (
+    "team_id",
+    "project_id",
+    "user_id",
+    "feature",
+    "agent",
+    "workflow_id",
+    "conversation_id",
+    "task_type",
+)
+
+
+class TokenUsage(models.Model):
+    """One LLM request's usage: the ledger every budget, report and forecast reads."""
+
+    class Status(models.TextChoices):
+        SUCCESS = "success"
+        ERROR = "error"
+
+    class PriceSource(models.TextChoices):
+        CATALOGUE = "catalogue", "genai-prices catalogue"
+        OVERRIDE = "override", "ModelPrice override"
+        UNPRICED = "unpriced", "no price known"
+
+    request_id = models.CharField(max_length=128)
+    occurred_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+
+    provider = models.CharField(max_length=64, blank=True, default="")
+    model = models.CharField(max_length=128)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cache_read_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.GeneratedField(
+        expression=F("input_tokens") + F("output_tokens"),
+        output_field=models.BigIntegerField(),
+        db_persist=True,
+    )
+
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
+    input_cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
+    output_cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal(0))
+    currency = models.CharField(max_length=3, default="USD")
+    price_source = models.CharField(max_length=16, choices=PriceSource.choices)
+    price_ref = models.CharField(max_length=200, blank=True, default="")
+    unpriced = models.BooleanField(default=False)
+    estimated = models.BooleanField(default=False)
+
+    team_id = models.CharField(max_length=128, blank=True, default="")
+    project_id = models.CharField(max_length=128, blank=True, default="")
+    user_id = models.CharField(max_length=128, blank=True, default="")
+    feature = models.CharField(max_length=128, blank=True, default="")
+    agent = models.CharField(max_length=128, blank=True, default="")
+    task_type = models.CharField(max_length=128, blank=True, default="")
+    conversation_id = models.CharField(max_length=128, blank=True, default="")
+    workflow_id = models.CharField(max_length=128, blank=True, default="")
+
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.SUCCESS)
+    error_type = models.CharField(max_length=128, blank=True, default="")
+    latency_ms = models.IntegerField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    reservation_id = models.CharField(max_length=64, blank=True, default="")
+
+    parent_request_id = models.CharField(max_length=128, blank=True, default="")
+    root_request_id = models.CharField(max_length=128, blank=True, default="")
+    relationship = models.CharField(max_length=32, blank=True, default="")
+    intent = models.CharField(max_length=256, blank=True, default="")
+    input_hash = models.CharField(max_length=128, blank=True, default="")
+    output_hash = models.CharField(max_length=128, blank=True, default="")
+    cache_hit = models.BooleanField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["request_id"], name="usage_request_id_unique"),
+            models.CheckConstraint(
+                condition=Q(input_tokens__gte=0)
+                & Q(output_tokens__gte=0)
+                & Q(cache_read_tokens__gte=0)
+                & Q(cache_write_tokens__gte=0),
+                name="usage_tokens_non_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(cache_read_tokens__lte=F("input_tokens") - F("cache_write_tokens")),
+                name="usage_cache_tokens_within_input",
+            ),
+            models.CheckConstraint(condition=Q(cost__gte=0), name="usage_cost_non_negative"),
+            models.CheckConstraint(
+                condition=Q(unpriced=False) | Q(cost=0), name="usage_unpriced_costs_zero"
+            ),
+        ]
+        indexes = [
+            # usage_list / usage_summary over a time range with no attribution filter.
+            models.Index(fields=["occurred_at", "id"], name="usage_occurred_idx"),
+            # usage_list / usage_summary filtered by team (and team-scoped API keys).
+            models.Index(fields=["team_id", "occurred_at"], name="usage_team_time_idx"),
+            # usage_list / usage_summary filtered by project (and project-scoped API keys).
+            models.Index(fields=["project_id", "occurred_at"], name="usage_project_time_idx"),
+            # usage_list filtered by user.
+            models.Index(fields=["user_id", "occurred_at"], name="usage_user_time_idx"),
+            # usage_list filtered by feature.
+            models.Index(fields=["feature", "occurred_at"], name="usage_feature_time_idx"),
+            # usage_list filtered by agent.
+            models.Index(fields=["agent", "occurred_at"], name="usage_agent_time_idx"),
+            # usage_list filtered by workflow (workflow usage, provenance analytics).
+            models.Index(fields=["workflow_id", "occurred_at"], name="usage_workflow_time_idx"),
+            # usage_list filtered by provider and/or model.
+            models.Index(fields=["provider", "model", "occurred_at"], name="usage_model_time_idx"),
+            # health_snapshot: count of unpriced rows without scanning the ledger.
+            models.Index(
+                fields=["occurred_at"], condition=Q(unpriced=True), name="usage_unpriced_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.provider}/{self.model} {self.total_tokens} tokens"
+
+
+class ApiKey(models.Model):
+    """A bearer key: stored as a SHA-256 hash, shown once at creation, scoped."""
+
+    class Scope(models.TextChoices):
+        GLOBAL = "global", "Global (admin)"
+        TEAM = "team", "One team"
+        PROJECT = "project", "One project"
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    scope = models.CharField(max_length=8, choices=Scope.choices)
+    team_id = models.CharField(max_length=128, blank=True, default="")
+    project_id = models.CharField(max_length=128, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        constraints = [
+            models.UniqueConstraint(fields=["key_hash"], name="apikey_hash_unique"),
+            models.CheckConstraint(
+                condition=~Q(scope="team") | ~Q(team_id=""), name="apikey_team_scope_has_team"
+            ),
+            models.CheckConstraint(
+                condition=~Q(scope="project") | ~Q(project_id=""),
+                name="apikey_project_scope_has_project",
+            ),
+            models.CheckConstraint(
+                condition=~Q(scope="global") | (Q(team_id="") & Q(project_id="")),
+                name="apikey_global_scope_unbound",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…, {self.scope_label})"
+
+    @property
+    def scope_label(self) -> str:
+        if self.scope == self.Scope.PROJECT:
+            return f"project {self.project_id}"
+        if self.scope == self.Scope.TEAM:
+            return f"team {self.team_id}"
+        return "global"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    @staticmethod
+    def hash_key(raw_key: str) -> str:
+        return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class ModelPrice(models.Model):
+    """An admin-edited price that wins over the catalogue from `effective_from` on.
+
+    Prices are USD (the catalogue's currency) per million tokens. A cache price left empty bills
+    those tokens at the input price.
+    """
+
+    provider = models.CharField(
+        max_length=64, blank=True, default="", help_text="Empty: any provider."
+    )
+    model = models.CharField(max_length=128)
+    input_per_mtok = models.DecimalField(max_digits=14, decimal_places=6)
+    output_per_mtok = models.DecimalField(max_digits=14, decimal_places=6)
+    cache_read_per_mtok = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    cache_write_per_mtok = models.DecimalField(
+        max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    effective_from = models.DateTimeField()
+    note = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["provider", "model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "model", "effective_from"], name="modelprice_one_per_start"
+            ),
+            models.CheckConstraint(
+                condition=Q(input_per_mtok__gte=0)
+                & Q(output_per_mtok__gte=0)
+                & (Q(cache_read_per_mtok__isnull=True) | Q(cache_read_per_mtok__gte=0))
+                & (Q(cache_write_per_mtok__isnull=True) | Q(cache_write_per_mtok__gte=0)),
+                name="modelprice_non_negative",
+            ),
+        ]
+        indexes = [
+            # pricing.price_table: all overrides are loaded at once; this serves the admin list.
+            models.Index(fields=["model", "provider"], name="modelprice_model_idx"),
+        ]
+
+    def __str__(self) -> str:
+        who = f"{self.provider}/{self.model}" if self.provider else self.model
+        prices = f"{self.input_per_mtok}/{self.output_per_mtok}"
+        return f"{who} from {self.effective_from:%Y-%m-%d}: {prices}"
+
+
+class ManagerConfig(models.Model):
+    """Run-time settings (one row). An empty field means "use the environment default"."""
+
+    buffer_size = models.PositiveIntegerField(null=True, blank=True)
+    flush_interval = models.FloatField(null=True, blank=True)
+    retention_days = models.PositiveIntegerField(null=True, blank=True)
+    alert_channels = models.JSONField(default=list, blank=True)
+    optimization_enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "manager settings"
+        verbose_name_plural = "manager settings"
+        constraints = [
+            models.CheckConstraint(condition=Q(pk=1), name="managerconfig_singleton"),
+            models.CheckConstraint(
+                condition=Q(buffer_size__isnull=True) | Q(buffer_size__gte=1),
+                name="managerconfig_buffer_size_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(flush_interval__isnull=True) | Q(flush_interval__gte=0.5),
+                name="managerconfig_flush_interval_min",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return "manager settings"

@@ -1,0 +1,362 @@
+"""Validated input schemas for the usage actions (pydantic: the ingestion path must stay cheap).
+
+`validate_event` turns one raw usage event into a normalised `UsageEvent` or field-level errors.
+Token convention (the catalogue's): `input_tokens` is the whole prompt, cache reads and cache
+writes included; Anthropic's raw usage reports them apart and is summed accordingly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from django.conf import settings
+from django.utils import timezone
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from provenance.models import RelationshipType
+from usage.errors import FieldErrors, pydantic_field_errors
+
+MAX_TOKENS = 10**9
+MAX_METADATA_BYTES = 16 * 1024
+EARLIEST_OCCURRED_AT = datetime(2015, 1, 1, tzinfo=UTC)
+
+TokenCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)]
+Dim = Annotated[str, Field(strict=True, max_length=128)]
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ProvenanceIn(Strict):
+    parent_request_id: Annotated[str, Field(strict=True, max_length=128)] = ""
+    root_request_id: Annotated[str, Field(strict=True, max_length=128)] = ""
+    relationship: RelationshipType | Literal[""] = ""
+    intent: Annotated[str, Field(strict=True, max_length=256)] = ""
+    input_hash: Annotated[str, Field(strict=True, max_length=128)] = ""
+    input_text: Annotated[str, Field(strict=True, max_length=1_000_000)] | None = None
+    output_hash: Annotated[str, Field(strict=True, max_length=128)] = ""
+    cache_hit: Annotated[bool, Field(strict=True)] | None = None
+
+
+class UsageEventIn(Strict):
+    request_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+    provider: Annotated[str, Field(strict=True, max_length=64)] = ""
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+    input_tokens: TokenCount | None = None
+    prompt_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
+    cache_read_tokens: TokenCount | None = None
+    cache_write_tokens: TokenCount | None = None
+    usage: dict[str, Any] | None = None
+    occurred_at: datetime | None = None
+    team_id: Dim = ""
+    project_id: Dim = ""
+    user_id: Dim = ""
+    feature: Dim = ""
+    agent: Dim = ""
+    task_type: Dim = ""
+    conversation_id: Dim = ""
+    workflow_id: Dim = ""
+    status: Literal["success", "error"] = "success"
+    error_type: Dim = ""
+    latency_ms: Annotated[int, Field(strict=True, ge=0, le=86_400_000)] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    reservation_id: Annotated[str, Field(strict=True, max_length=64)] = ""
+    estimated: Annotated[bool, Field(strict=True)] = False
+    provenance: ProvenanceIn | None = None
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_printable(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return _no_control_chars(value)
+
+
+class UsageBatchIn(Strict):
+    """Documents POST /usage/batch; items are validated one by one by `validate_event`."""
+
+    events: Annotated[list[UsageEventIn], Field(min_length=1, max_length=1000)]
+
+
+class UsageEvent:
+    """A validated, normalised usage event (attribution may still be filled in from the key)."""
+
+    __slots__ = (
+        "agent",
+        "cache_hit",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "conversation_id",
+        "error_type",
+        "estimated",
+        "feature",
+        "input_hash",
+        "input_tokens",
+        "intent",
+        "latency_ms",
+        "metadata",
+        "model",
+        "occurred_at",
+        "output_hash",
+        "output_tokens",
+        "parent_request_id",
+        "project_id",
+        "provider",
+        "relationship",
+        "request_id",
+        "reservation_id",
+        "root_request_id",
+        "status",
+        "task_type",
+        "team_id",
+        "user_id",
+        "workflow_id",
+    )  # fmt: skip
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+def _raw_count(raw: dict[str, Any], path: tuple[str, ...], errors: FieldErrors) -> int:
+    value: Any = raw
+    for part in path:
+        if not isinstance(value, dict):
+            return 0
+        value = value.get(part)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        errors.setdefault("usage." + ".".join(path), []).append(
+            f"Must be an integer between 0 and {MAX_TOKENS}."
+        )
+        return 0
+    return value
+
+
+def tokens_from_raw_usage(
+    raw: dict[str, Any], provider: str, errors: FieldErrors
+) -> tuple[int, int, int, int]:
+    """(input incl. cache, output, cache_read, cache_write) from an OpenAI or Anthropic `usage`."""
+    anthropic = provider.lower() == "anthropic" or (
+        "cache_creation_input_tokens" in raw or "cache_read_input_tokens" in raw
+    )
+    if anthropic:
+        uncached = _raw_count(raw, ("input_tokens",), errors)
+        cache_write = _raw_count(raw, ("cache_creation_input_tokens",), errors)
+        cache_read = _raw_count(raw, ("cache_read_input_tokens",), errors)
+        output = _raw_count(raw, ("output_tokens",), errors)
+        return uncached + cache_write + cache_read, output, cache_read, cache_write
+    if "prompt_tokens" in raw or "completion_tokens" in raw:  # OpenAI Chat Completions
+        prompt = _raw_count(raw, ("prompt_tokens",), errors)
+        output = _raw_count(raw, ("completion_tokens",), errors)
+        cache_read = _raw_count(raw, ("prompt_tokens_details", "cached_tokens"), errors)
+        return prompt, output, cache_read, 0
+    if "input_tokens" in raw or "output_tokens" in raw:  # OpenAI Responses API
+        prompt = _raw_count(raw, ("input_tokens",), errors)
+        output = _raw_count(raw, ("output_tokens",), errors)
+        cache_read = _raw_count(raw, ("input_tokens_details", "cached_tokens"), errors)
+        return prompt, output, cache_read, 0
+    errors.setdefault("usage", []).append(
+        "Not an OpenAI (prompt_tokens/completion_tokens or input_tokens/output_tokens) "
+        "or Anthropic usage object."
+    )
+    return 0, 0, 0, 0
+
+
+def _pick_alias(
+    a: int | None, b: int | None, names: tuple[str, str], errors: FieldErrors
+) -> int | None:
+    if a is not None and b is not None:
+        errors.setdefault(names[1], []).append(f"Give {names[0]} or {names[1]}, not both.")
+    return a if a is not None else b
+
+
+def validate_event(
+    raw: Any, *, now: datetime | None = None
+) -> tuple[UsageEvent | None, FieldErrors]:
+    if not isinstance(raw, dict):
+        return None, {"non_field_errors": ["Each usage event must be a JSON object."]}
+    try:
+        data = UsageEventIn.model_validate(raw)
+    except ValidationError as exc:
+        return None, pydantic_field_errors(exc)
+
+    errors: FieldErrors = {}
+    input_tokens = _pick_alias(
+        data.input_tokens, data.prompt_tokens, ("input_tokens", "prompt_tokens"), errors
+    )
+    output_tokens = _pick_alias(
+        data.output_tokens, data.completion_tokens, ("output_tokens", "completion_tokens"), errors
+    )
+    cache_read = data.cache_read_tokens
+    cache_write = data.cache_write_tokens
+    if data.usage is not None:
+        if any(v is not None for v in (input_tokens, output_tokens, cache_read, cache_write)):
+            errors.setdefault("usage", []).append(
+                "Give a raw usage object or token fields, not both."
+            )
+        else:
+            input_tokens, output_tokens, cache_read, cache_write = tokens_from_raw_usage(
+                data.usage, data.provider, errors
+            )
+    elif input_tokens is None and output_tokens is None:
+        errors.setdefault("input_tokens", []).append(
+            "Give input_tokens/output_tokens (or prompt_tokens/completion_tokens) "
+            "or a raw usage object."
+        )
+    input_tokens = input_tokens or 0
+    output_tokens = output_tokens or 0
+    cache_read = cache_read or 0
+    cache_write = cache_write or 0
+    if cache_read + cache_write > input_tokens:
+        errors.setdefault("cache_read_tokens", []).append(
+            "cache_read_tokens + cache_write_tokens exceed input_tokens; input_tokens counts the "
+            "whole prompt, cached tokens included."
+        )
+
+    now = now or timezone.now()
+    occurred_at = data.occurred_at
+    if occurred_at is None:
+        occurred_at = now
+    else:
+        if occurred_at.tzinfo is None:
+            occurred_at = occurred_at.replace(tzinfo=UTC)
+        if occurred_at > now + timedelta(seconds=settings.TOKENMGR_MAX_FUTURE_SKEW):
+            errors.setdefault("occurred_at", []).append("Is in the future.")
+        elif occurred_at < EARLIEST_OCCURRED_AT:
+            errors.setdefault("occurred_at", []).append("Is before 2015-01-01.")
+
+    if data.metadata:
+        try:
+            size = len(json.dumps(data.metadata, separators=(",", ":"), allow_nan=False))
+        except ValueError:
+            errors.setdefault("metadata", []).append("Must be JSON without NaN or Infinity.")
+        else:
+            if size > MAX_METADATA_BYTES:
+                errors.setdefault("metadata", []).append(
+                    f"Is larger than {MAX_METADATA_BYTES} bytes."
+                )
+
+    prov = data.provenance or ProvenanceIn()
+    input_hash = prov.input_hash
+    if prov.input_text is not None:
+        if input_hash:
+            errors.setdefault("provenance.input_text", []).append(
+                "Give input_hash or input_text, not both."
+            )
+        input_hash = hashlib.sha256(prov.input_text.encode()).hexdigest()
+
+    if errors:
+        return None, errors
+    return (
+        UsageEvent(
+            request_id=data.request_id,
+            provider=data.provider.lower(),
+            model=data.model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            occurred_at=occurred_at,
+            team_id=data.team_id,
+            project_id=data.project_id,
+            user_id=data.user_id,
+            feature=data.feature,
+            agent=data.agent,
+            task_type=data.task_type,
+            conversation_id=data.conversation_id,
+            workflow_id=data.workflow_id,
+            status=data.status,
+            error_type=data.error_type,
+            latency_ms=data.latency_ms,
+            metadata=data.metadata,
+            reservation_id=data.reservation_id,
+            estimated=data.estimated,
+            parent_request_id=prov.parent_request_id,
+            root_request_id=prov.root_request_id,
+            relationship=prov.relationship.value if prov.relationship else "",
+            intent=prov.intent,
+            input_hash=input_hash,
+            output_hash=prov.output_hash,
+            cache_hit=prov.cache_hit,
+        ),
+        {},
+    )
+
+
+# --- other action inputs -----------------------------------------------------------------------
+
+
+class TokenizeIn(Strict):
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)] = "gpt-4o"
+    text: Annotated[str, Field(strict=True, max_length=5_000_000)] | None = None
+    messages: list[dict[str, Annotated[str, Field(strict=True)]]] | None = None
+
+
+class TruncateIn(Strict):
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)] = "gpt-4o"
+    text: Annotated[str, Field(strict=True, max_length=5_000_000)]
+    max_tokens: Annotated[int, Field(strict=True, ge=0, le=10_000_000)]
+
+
+class QuoteIn(Strict):
+    provider: Annotated[str, Field(strict=True, max_length=64)] = ""
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cache_read_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    at: datetime | None = None
+
+
+class ModelRef(Strict):
+    provider: Annotated[str, Field(strict=True, max_length=64)] = ""
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+
+
+class CompareIn(Strict):
+    models: Annotated[
+        list[ModelRef | Annotated[str, Field(min_length=1, max_length=128)]],
+        Field(min_length=1, max_length=100),
+    ]
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cache_read_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    at: datetime | None = None
+
+
+PricePerMtok = Annotated[Decimal, Field(ge=0, le=10_000_000, max_digits=14, decimal_places=6)]
+
+
+class PriceOverrideIn(Strict):
+    provider: Annotated[str, Field(strict=True, max_length=64)] = ""
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+    input_per_mtok: PricePerMtok
+    output_per_mtok: PricePerMtok
+    cache_read_per_mtok: PricePerMtok | None = None
+    cache_write_per_mtok: PricePerMtok | None = None
+    effective_from: datetime | None = None
+    note: Annotated[str, Field(strict=True, max_length=200)] = ""
+
+
+class ConfigureIn(Strict):
+    buffer_size: Annotated[int, Field(strict=True, ge=1, le=100_000)] | None = None
+    flush_interval: Annotated[float, Field(ge=0.5, le=3600)] | None = None
+    retention_days: Annotated[int, Field(strict=True, ge=0, le=36_500)] | None = None
+    alert_channels: list[Literal["status", "email", "webhook"]] | None = None
+    optimization_enabled: Annotated[bool, Field(strict=True)] | None = None

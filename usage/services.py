@@ -1,0 +1,513 @@
+"""Writes of the usage app: ingestion, the buffer flush, API keys, price overrides, settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from tokenmgr_project import redis as tm_redis
+from usage import buffer, pricing
+from usage.auth import Principal, key_cache
+from usage.errors import ApiError, FieldErrors
+from usage.models import ApiKey, ManagerConfig, ModelPrice, TokenUsage
+from usage.schemas import UsageEvent, validate_event
+
+logger = logging.getLogger(__name__)
+
+# Column order of a ledger row everywhere rows travel (buffer payloads, COPY, INSERT).
+ROW_COLUMNS = (
+    "request_id", "occurred_at", "received_at", "provider", "model", "input_tokens",
+    "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost", "input_cost",
+    "output_cost", "currency", "price_source", "price_ref", "unpriced", "estimated", "team_id",
+    "project_id", "user_id", "feature", "agent", "task_type", "conversation_id", "workflow_id",
+    "status", "error_type", "latency_ms", "metadata", "reservation_id", "parent_request_id",
+    "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
+)  # fmt: skip
+_DATETIME_COLS = (ROW_COLUMNS.index("occurred_at"), ROW_COLUMNS.index("received_at"))
+_DECIMAL_COLS = tuple(ROW_COLUMNS.index(c) for c in ("cost", "input_cost", "output_cost"))
+_METADATA_COL = ROW_COLUMNS.index("metadata")
+_TABLE = TokenUsage._meta.db_table
+# Rows per INSERT … VALUES statement (SQLite allows 32,766 bound parameters).
+_VALUES_CHUNK = 800
+# At or above this many rows, PostgreSQL takes the COPY path.
+_COPY_THRESHOLD = 64
+
+
+# --- manager settings (run-time adjustable, env values are the defaults) -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveConfig:
+    buffer_size: int
+    flush_interval: float
+    retention_days: int
+    alert_channels: list[str]
+    optimization_enabled: bool
+
+
+_config_cache: tuple[float, EffectiveConfig] | None = None
+_CONFIG_TTL_SECONDS = 5.0
+
+
+def manager_config() -> EffectiveConfig:
+    """The run-time settings, re-read from the database at most every few seconds."""
+    global _config_cache
+    now = time.monotonic()
+    if _config_cache is not None and _config_cache[0] > now:
+        return _config_cache[1]
+    row = ManagerConfig.objects.filter(pk=1).first()
+    effective = EffectiveConfig(
+        buffer_size=(row.buffer_size if row and row.buffer_size else settings.TOKENMGR_BUFFER_SIZE),
+        flush_interval=(
+            row.flush_interval if row and row.flush_interval else settings.TOKENMGR_FLUSH_INTERVAL
+        ),
+        retention_days=(
+            row.retention_days
+            if row and row.retention_days is not None
+            else settings.TOKENMGR_RETENTION_DAYS
+        ),
+        alert_channels=list(row.alert_channels) if row else ["status"],
+        optimization_enabled=row.optimization_enabled if row else True,
+    )
+    _config_cache = (now + _CONFIG_TTL_SECONDS, effective)
+    return effective
+
+
+def manager_config_update(**changes: Any) -> EffectiveConfig:
+    """Apply the given run-time settings (None leaves a setting alone)."""
+    global _config_cache
+    changes = {k: v for k, v in changes.items() if v is not None}
+    with transaction.atomic():
+        row, _ = ManagerConfig.objects.select_for_update().get_or_create(pk=1)
+        for name, value in changes.items():
+            setattr(row, name, value)
+        row.full_clean()
+        row.save(update_fields=[*changes, "updated_at"] if changes else None)
+    _config_cache = None
+    return manager_config()
+
+
+# --- ingestion ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ItemResult:
+    index: int
+    request_id: str | None
+    status: str  # created | duplicate | rejected
+    errors: FieldErrors = field(default_factory=dict)
+    cost: Decimal | None = None
+    unpriced: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "index": self.index,
+            "request_id": self.request_id,
+            "status": self.status,
+        }
+        if self.status == "rejected":
+            body["errors"] = self.errors
+        else:
+            body["duplicate"] = self.status == "duplicate"
+            if self.status == "created" and self.cost is not None:
+                body["cost"] = pricing.money(self.cost)
+                body["currency"] = pricing.CURRENCY
+                body["unpriced"] = self.unpriced
+        return body
+
+
+def _apply_scope(event: UsageEvent, principal: Principal) -> FieldErrors:
+    """Fill attribution from a scoped key; refuse attribution outside the key's scope."""
+    errors: FieldErrors = {}
+    if principal.team_id:
+        if event.team_id and event.team_id != principal.team_id:
+            errors["team_id"] = [
+                f"This API key may only record usage for team {principal.team_id!r}."
+            ]
+        event.team_id = principal.team_id
+    if principal.project_id:
+        if event.project_id and event.project_id != principal.project_id:
+            errors["project_id"] = [
+                f"This API key may only record usage for project {principal.project_id!r}."
+            ]
+        event.project_id = principal.project_id
+    return errors
+
+
+def _row_for(event: UsageEvent, received_at: datetime) -> tuple[Any, ...]:
+    price = pricing.price_usage(
+        provider=event.provider,
+        model=event.model,
+        at=event.occurred_at,
+        input_tokens=event.input_tokens,
+        output_tokens=event.output_tokens,
+        cache_read_tokens=event.cache_read_tokens,
+        cache_write_tokens=event.cache_write_tokens,
+    )
+    return (
+        event.request_id, event.occurred_at, received_at, price.provider, event.model,
+        event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens,
+        price.cost, price.input_cost, price.output_cost, price.currency, price.source, price.ref,
+        price.unpriced, event.estimated, event.team_id, event.project_id, event.user_id,
+        event.feature, event.agent, event.task_type, event.conversation_id, event.workflow_id,
+        event.status, event.error_type, event.latency_ms, event.metadata, event.reservation_id,
+        event.parent_request_id, event.root_request_id, event.relationship, event.intent,
+        event.input_hash, event.output_hash, event.cache_hit,
+    )  # fmt: skip
+
+
+def _payload(row: tuple[Any, ...]) -> str:
+    values = list(row)
+    for i in _DATETIME_COLS:
+        values[i] = values[i].isoformat()
+    for i in _DECIMAL_COLS:
+        values[i] = str(values[i])
+    return json.dumps(values, separators=(",", ":"))
+
+
+def _row_from_payload(values: list[Any]) -> tuple[Any, ...]:
+    for i in _DATETIME_COLS:
+        values[i] = datetime.fromisoformat(values[i])
+    for i in _DECIMAL_COLS:
+        values[i] = Decimal(values[i])
+    return tuple(values)
+
+
+def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]:
+    """Validate, attribute, price and store usage events; one result per event, in order.
+
+    Idempotent on request_id: a repeat (in this call, concurrently, or later) is reported as a
+    duplicate and never stored or counted twice. With Redis available the rows go to the buffer
+    and are committed by `usage_flush`; otherwise they are inserted here.
+    """
+    now = timezone.now()
+    results: list[ItemResult] = []
+    accepted: list[tuple[ItemResult, tuple[Any, ...]]] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(events):
+        event, errors = validate_event(raw, now=now)
+        if event is not None:
+            errors = _apply_scope(event, principal)
+        request_id = raw.get("request_id") if isinstance(raw, dict) else None
+        if errors or event is None:
+            results.append(
+                ItemResult(
+                    index, request_id if isinstance(request_id, str) else None, "rejected", errors
+                )
+            )
+            continue
+        if event.request_id in seen:
+            results.append(ItemResult(index, event.request_id, "duplicate"))
+            continue
+        seen.add(event.request_id)
+        row = _row_for(event, now)
+        item = ItemResult(index, event.request_id, "created", cost=row[9], unpriced=row[15])
+        results.append(item)
+        accepted.append((item, row))
+    if accepted:
+        new_flags = _store(accepted)
+        for (item, _row), is_new in zip(accepted, new_flags, strict=True):
+            if not is_new:
+                item.status = "duplicate"
+    return results
+
+
+def _store(accepted: list[tuple[ItemResult, tuple[Any, ...]]]) -> list[bool]:
+    rows = [row for _item, row in accepted]
+    if tm_redis.available():
+        try:
+            return _store_buffered(rows)
+        except tm_redis.REDIS_ERRORS:
+            logger.warning("Redis unreachable; writing usage straight to the database")
+            tm_redis.trip()
+    inserted = usage_rows_insert(rows)
+    return [row[0] in inserted for row in rows]
+
+
+def _store_buffered(rows: list[tuple[Any, ...]]) -> list[bool]:
+    ids = [row[0] for row in rows]
+    # Older than the Redis claim's TTL, a repeat is only known to the ledger.
+    in_ledger = set(
+        TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+    )
+    candidates = [row for row in rows if row[0] not in in_ledger]
+    flags_by_id: dict[str, bool] = {}
+    if candidates:
+        flags, depth = buffer.add(
+            [row[0] for row in candidates],
+            [_payload(row) for row in candidates],
+            settings.TOKENMGR_DEDUPE_TTL,
+        )
+        flags_by_id = {row[0]: flag for row, flag in zip(candidates, flags, strict=True)}
+        if depth >= manager_config().buffer_size:
+            _trigger_flush()
+    return [flags_by_id.get(rid, False) for rid in ids]
+
+
+def _trigger_flush() -> None:
+    """Ask a worker to flush now, at most a few times a second across all API processes."""
+    if tm_redis.client().set(tm_redis.key("usage", "flush-trigger"), "1", nx=True, px=250):
+        from usage.tasks import usage_flush_buffer
+
+        usage_flush_buffer.delay(force=True)
+
+
+def _db_params(row: tuple[Any, ...]) -> list[Any]:
+    ops = connection.ops
+    values = list(row)
+    for i in _DATETIME_COLS:
+        values[i] = ops.adapt_datetimefield_value(values[i])
+    values[_METADATA_COL] = json.dumps(values[_METADATA_COL], separators=(",", ":"))
+    return values
+
+
+def usage_rows_insert(rows: list[tuple[Any, ...]]) -> set[str]:
+    """Insert ledger rows unless their request_id exists; returns the request_ids inserted."""
+    if not rows:
+        return set()
+    inserted: set[str] = set()
+    with transaction.atomic():
+        if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+            inserted = _insert_copy(rows)
+        else:
+            for start in range(0, len(rows), _VALUES_CHUNK):
+                inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
+    return inserted
+
+
+def _insert_values(rows: list[tuple[Any, ...]]) -> set[str]:
+    cols = ", ".join(ROW_COLUMNS)
+    one = (
+        "("
+        + ", ".join(
+            "%s::jsonb" if c == "metadata" and connection.vendor == "postgresql" else "%s"
+            for c in ROW_COLUMNS
+        )
+        + ")"
+    )
+    sql = (
+        f"INSERT INTO {_TABLE} ({cols}) VALUES {', '.join([one] * len(rows))} "
+        "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+    )
+    params: list[Any] = []
+    for row in rows:
+        params.extend(_db_params(row))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {r[0] for r in cursor.fetchall()}
+
+
+def _insert_copy(rows: list[tuple[Any, ...]]) -> set[str]:
+    cols = ", ".join(ROW_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
+            f"SELECT {cols} FROM {_TABLE} WITH NO DATA"
+        )
+        raw_cursor = cursor.cursor
+        with raw_cursor.copy(f"COPY usage_stage ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                values = list(row)
+                values[_METADATA_COL] = json.dumps(values[_METADATA_COL], separators=(",", ":"))
+                copy.write_row(values)
+        cursor.execute(
+            f"INSERT INTO {_TABLE} ({cols}) SELECT {cols} FROM usage_stage "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+        )
+        inserted = {r[0] for r in cursor.fetchall()}
+        cursor.execute("TRUNCATE usage_stage")
+        return inserted
+
+
+# --- flushing the buffer -----------------------------------------------------------------------
+
+# Entries per XREADGROUP, and rows per database transaction.
+_READ_ENTRIES = 50
+_FLUSH_CHUNK_ROWS = 5_000
+# One flush stops after this long so a worker is never held forever by a firehose.
+_FLUSH_TIME_BUDGET_SECONDS = 20.0
+_flush_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    entries: int
+    events: int
+    inserted: int
+
+    @property
+    def duplicates(self) -> int:
+        return self.events - self.inserted
+
+
+def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = None) -> FlushResult:
+    """Commit buffered events to the ledger, insert-if-absent, then acknowledge them.
+
+    Safe to run anywhere at any time: entries a dead flusher left pending are re-claimed after
+    `reclaim_idle_ms`; a crash between commit and acknowledgement re-inserts nothing.
+    """
+    if not tm_redis.configured():
+        return FlushResult(0, 0, 0)
+    consumer = consumer or buffer.consumer_name()
+    idle = settings.TOKENMGR_RECLAIM_IDLE_MS if reclaim_idle_ms is None else reclaim_idle_ms
+    deadline = time.monotonic() + _FLUSH_TIME_BUDGET_SECONDS
+    total_entries = total_events = total_inserted = 0
+    client = tm_redis.client()
+    with _flush_lock:
+        pending = buffer.reclaim(consumer, idle, _READ_ENTRIES)
+        while time.monotonic() < deadline:
+            entries = pending or buffer.read_new(consumer, _READ_ENTRIES)
+            pending = []
+            if not entries:
+                break
+            rows = [_row_from_payload(values) for entry in entries for values in entry.rows]
+            inserted = 0
+            for start in range(0, len(rows), _FLUSH_CHUNK_ROWS):
+                inserted += len(usage_rows_insert(rows[start : start + _FLUSH_CHUNK_ROWS]))
+            buffer.ack(entries)
+            total_entries += len(entries)
+            total_events += len(rows)
+            total_inserted += inserted
+            if len(entries) < _READ_ENTRIES:
+                pending = buffer.reclaim(consumer, idle, _READ_ENTRIES)
+                if not pending:
+                    break
+        stats = {"last_run_at": timezone.now().isoformat()}
+        if total_events:
+            stats.update(last_flush_at=stats["last_run_at"], last_flush_count=str(total_inserted))
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hset(buffer.stats_key(), mapping=stats)
+            if total_inserted:
+                pipe.hincrby(buffer.stats_key(), "total_flushed", total_inserted)
+            pipe.execute()
+    return FlushResult(total_entries, total_events, total_inserted)
+
+
+def flush_due(*, force: bool = False) -> bool:
+    """Is a flush due: forced, buffer at buffer_size, or flush_interval since the last run?"""
+    if not tm_redis.configured():
+        return False
+    if force:
+        return True
+    client = tm_redis.client()
+    depth_raw, last_run = (
+        client.pipeline().get(buffer.depth_key()).hget(buffer.stats_key(), "last_run_at").execute()
+    )
+    depth = int(depth_raw or 0)
+    config = manager_config()
+    if depth >= config.buffer_size:
+        return True
+    if last_run is None:
+        return True
+    elapsed = (timezone.now() - datetime.fromisoformat(last_run.decode())).total_seconds()
+    return elapsed >= config.flush_interval
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+_PURGE_CHUNK = 10_000
+
+
+def usage_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -> int:
+    """Delete ledger rows older than retention_days (0 keeps everything), in bounded chunks."""
+    days = manager_config().retention_days
+    if days <= 0:
+        return 0
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    deleted = 0
+    for _ in range(max_chunks):
+        ids = list(
+            TokenUsage.objects.filter(occurred_at__lt=cutoff).values_list("pk", flat=True)[
+                :_PURGE_CHUNK
+            ]
+        )
+        if not ids:
+            break
+        deleted += TokenUsage.objects.filter(pk__in=ids).delete()[0]
+    return deleted
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+KEY_PREFIX = "tm_"
+
+
+def api_key_create(
+    *, name: str, scope: str, team_id: str = "", project_id: str = "", created_by: Any = None
+) -> tuple[ApiKey, str]:
+    """Create a key; the raw key is returned here once and never stored."""
+    errors: FieldErrors = {}
+    if not name.strip():
+        errors["name"] = ["This field is required."]
+    if scope not in ApiKey.Scope.values:
+        errors["scope"] = [f"Must be one of {', '.join(ApiKey.Scope.values)}."]
+    if scope == ApiKey.Scope.TEAM and not team_id:
+        errors["team_id"] = ["A team key needs a team_id."]
+    if scope == ApiKey.Scope.PROJECT and not project_id:
+        errors["project_id"] = ["A project key needs a project_id."]
+    if scope == ApiKey.Scope.GLOBAL and (team_id or project_id):
+        errors["scope"] = ["A global key has no team_id or project_id."]
+    if errors:
+        raise ApiError("Invalid API key.", fields=errors)
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(
+        name=name.strip(),
+        prefix=raw[:10],
+        key_hash=ApiKey.hash_key(raw),
+        scope=scope,
+        team_id=team_id,
+        project_id=project_id,
+        created_by=created_by,
+    )
+    return key, raw
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    key_cache.forget(key.key_hash)
+    return key
+
+
+# --- price overrides ---------------------------------------------------------------------------
+
+
+def model_price_set(
+    *,
+    provider: str,
+    model: str,
+    input_per_mtok: Decimal,
+    output_per_mtok: Decimal,
+    cache_read_per_mtok: Decimal | None = None,
+    cache_write_per_mtok: Decimal | None = None,
+    effective_from: datetime | None = None,
+    note: str = "",
+) -> tuple[ModelPrice, bool]:
+    """Create or replace the override for (provider, model, effective_from): (row, created)."""
+    effective_from = effective_from or timezone.now()
+    row, created = ModelPrice.objects.update_or_create(
+        provider=provider.lower(),
+        model=model,
+        effective_from=effective_from,
+        defaults={
+            "input_per_mtok": input_per_mtok,
+            "output_per_mtok": output_per_mtok,
+            "cache_read_per_mtok": cache_read_per_mtok,
+            "cache_write_per_mtok": cache_write_per_mtok,
+            "note": note,
+        },
+    )
+    transaction.on_commit(pricing.overrides.invalidate)
+    return row, created
