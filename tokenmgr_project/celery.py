@@ -18,7 +18,7 @@ app.autodiscover_tasks()
 def _make_broker_folders(sender: Celery, **kwargs: object) -> None:
     """The embedded filesystem broker needs its folders before the first message."""
     options = sender.conf.broker_transport_options or {}
-    for name in ("data_folder_in", "processed_folder"):
+    for name in ("data_folder_in", "processed_folder", "control_folder"):
         if name in options:
             Path(options[name]).mkdir(parents=True, exist_ok=True)
 

@@ -32,7 +32,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
         "provider",
         "model",
         "total_tokens",
-        "cost",
+        "cost_usd",
         "team_id",
         "project_id",
         "agent",
@@ -52,6 +52,10 @@ class TokenUsageAdmin(admin.ModelAdmin):
     paginator = CappedCountPaginator
     show_full_result_count = False
     list_per_page = 50
+
+    @admin.display(description="cost (USD)", ordering="cost")
+    def cost_usd(self, obj: TokenUsage) -> str:
+        return pricing.money(obj.cost)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -58,8 +58,8 @@ class Command(BaseCommand):
                 "--workers", str(workers),
                 "--no-access-log",
             ],
-            "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", "2"],
-            "beat": [*celery, "beat", "--loglevel", "INFO"],
+            "worker": [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
+            "beat": [*celery, "beat", "--loglevel", "WARNING"],
         }  # fmt: skip
         self._banner(options["host"], options["port"])
         children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
