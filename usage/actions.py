@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from usage import pricing, selectors, services, tokenizer
 from usage.auth import Principal
 from usage.errors import ApiError, pydantic_field_errors
-from usage.models import TokenUsage
+from usage.models import ModelPrice, TokenUsage
 from usage.schemas import (
     CompareIn,
     ConfigureIn,
@@ -299,10 +299,25 @@ def compare_prices(principal: Principal, data: Any) -> Outcome:
     return Outcome({"currency": pricing.CURRENCY, "results": priced + unpriced})
 
 
+def price_override_out(row: ModelPrice) -> dict[str, Any]:
+    def optional(value: Decimal | None) -> str | None:
+        return None if value is None else pricing.money(value)
+
+    return {
+        "id": row.pk,
+        "provider": row.provider,
+        "model": row.model,
+        "input_per_mtok": pricing.money(row.input_per_mtok),
+        "output_per_mtok": pricing.money(row.output_per_mtok),
+        "cache_read_per_mtok": optional(row.cache_read_per_mtok),
+        "cache_write_per_mtok": optional(row.cache_write_per_mtok),
+        "effective_from": row.effective_from.isoformat(),
+        "note": row.note,
+    }
+
+
 @action("get_pricing", "The price catalogue (genai-prices) and the active overrides.")
 def get_pricing(principal: Principal, data: Any) -> Outcome:
-    from usage.models import ModelPrice
-
     params = data if isinstance(data, dict) else {}
     provider = str(params.get("provider") or "").lower()
     search = str(params.get("model") or "").lower()
@@ -313,21 +328,7 @@ def get_pricing(principal: Principal, data: Any) -> Outcome:
         and (not search or search in r["model"].lower())
     ]
     overrides = [
-        {
-            "id": o.pk,
-            "provider": o.provider,
-            "model": o.model,
-            "input_per_mtok": str(o.input_per_mtok),
-            "output_per_mtok": str(o.output_per_mtok),
-            "cache_read_per_mtok": None
-            if o.cache_read_per_mtok is None
-            else str(o.cache_read_per_mtok),
-            "cache_write_per_mtok": None
-            if o.cache_write_per_mtok is None
-            else str(o.cache_write_per_mtok),
-            "effective_from": o.effective_from.isoformat(),
-            "note": o.note,
-        }
+        price_override_out(o)
         for o in ModelPrice.objects.all()
         if (not provider or o.provider in ("", provider))
         and (not search or search in o.model.lower())
@@ -359,24 +360,7 @@ def update_pricing(principal: Principal, data: Any) -> Outcome:
         effective_from=params.effective_from,
         note=params.note,
     )
-    return Outcome(
-        {
-            "id": row.pk,
-            "provider": row.provider,
-            "model": row.model,
-            "input_per_mtok": str(row.input_per_mtok),
-            "output_per_mtok": str(row.output_per_mtok),
-            "cache_read_per_mtok": None
-            if row.cache_read_per_mtok is None
-            else str(row.cache_read_per_mtok),
-            "cache_write_per_mtok": None
-            if row.cache_write_per_mtok is None
-            else str(row.cache_write_per_mtok),
-            "effective_from": row.effective_from.isoformat(),
-            "created": created,
-        },
-        status=201 if created else 200,
-    )
+    return Outcome({**price_override_out(row), "created": created}, status=201 if created else 200)
 
 
 @action(

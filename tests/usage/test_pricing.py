@@ -164,3 +164,17 @@ def test_the_catalogue_lists_models_and_filters_by_provider(platform: Persona) -
     assert body["catalogue"]
     assert {r["provider"] for r in body["catalogue"]} == {"anthropic"}
     assert all("sonnet" in r["model"] for r in body["catalogue"])
+
+
+def test_catalogue_prices_follow_the_date_the_request_happened(platform: Persona) -> None:
+    # The catalogue dropped claude-sonnet-4-6's >200k-token tier on 2026-03-13.
+    long_prompt = {"provider": "anthropic", "model": "claude-sonnet-4-6", "input_tokens": 300_000}
+    batch = [
+        event("before", output_tokens=0, occurred_at="2026-03-01T12:00:00Z", **long_prompt),
+        event("after", output_tokens=0, occurred_at="2026-04-01T12:00:00Z", **long_prompt),
+    ]
+    platform.client.post("/api/v1/usage/batch", {"events": batch}, format="json")
+    settle()
+    before = TokenUsage.objects.get(request_id="before").cost
+    after = TokenUsage.objects.get(request_id="after").cost
+    assert (before, after) == (Decimal("1.8"), Decimal("0.9"))
