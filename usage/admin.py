@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.core.paginator import Paginator
@@ -20,8 +20,8 @@ class CappedCountPaginator(Paginator):
     """Counts at most COUNT_CAP rows (a bounded LIMIT sub-query), never COUNT(*) of the table."""
 
     @cached_property
-    def count(self) -> int:  # type: ignore[override]
-        return self.object_list[: COUNT_CAP + 1].count()
+    def count(self) -> int:
+        return cast("QuerySet[Any]", self.object_list)[: COUNT_CAP + 1].count()
 
 
 @admin.register(TokenUsage)

@@ -116,8 +116,8 @@ class UsageSummaryApi(ActionView):
 
 
 class HealthApi(APIView):
-    authentication_classes: ClassVar[list[Any]] = []
-    permission_classes: ClassVar[list[Any]] = [AllowAny]
+    authentication_classes = ()
+    permission_classes = (AllowAny,)
 
     @extend_schema(responses={200: dict, 503: dict}, summary="Health and buffer state")
     def get(self, request: Request) -> Response:

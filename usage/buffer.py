@@ -146,7 +146,7 @@ def _entries(raw: list[Any]) -> list[Entry]:
 def read_new(consumer: str, count: int) -> list[Entry]:
     client = tm_redis.client()
     ensure_group(client)
-    response = client.xreadgroup(GROUP, consumer, {stream_key(): ">"}, count=count)
+    response: Any = client.xreadgroup(GROUP, consumer, {stream_key(): ">"}, count=count)
     if not response:
         return []
     return _entries(response[0][1])
@@ -156,10 +156,10 @@ def reclaim(consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
     """Entries another consumer read but never acknowledged for `min_idle_ms` (it died)."""
     client = tm_redis.client()
     ensure_group(client)
-    _next, claimed, *_deleted = client.xautoclaim(
+    claimed_reply: Any = client.xautoclaim(
         stream_key(), GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
     )
-    return _entries(claimed)
+    return _entries(claimed_reply[1])
 
 
 def ack(entries: list[Entry]) -> int:

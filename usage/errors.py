@@ -78,6 +78,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     response = exception_handler(exc, context)
     if response is None:
         return None
+    body: dict[str, Any]
     if isinstance(exc, exceptions.ParseError):
         # Malformed JSON: point at the body, the only "field" there is.
         body = {

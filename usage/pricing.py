@@ -56,7 +56,7 @@ class Rates:
     output: Any
     cache_read: Any
     cache_write: Any
-    per_krequests: Decimal | None = None  # a flat fee per 1,000 requests (some search models)
+    per_krequests: Any = None  # a flat fee per 1,000 requests (some search models)
 
 
 def _unit_cost(price: Any, count: int, total_input: int) -> Decimal:

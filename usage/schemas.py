@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -91,44 +92,39 @@ class UsageBatchIn(Strict):
     events: Annotated[list[UsageEventIn], Field(min_length=1, max_length=1000)]
 
 
+@dataclass(slots=True)
 class UsageEvent:
     """A validated, normalised usage event (attribution may still be filled in from the key)."""
 
-    __slots__ = (
-        "agent",
-        "cache_hit",
-        "cache_read_tokens",
-        "cache_write_tokens",
-        "conversation_id",
-        "error_type",
-        "estimated",
-        "feature",
-        "input_hash",
-        "input_tokens",
-        "intent",
-        "latency_ms",
-        "metadata",
-        "model",
-        "occurred_at",
-        "output_hash",
-        "output_tokens",
-        "parent_request_id",
-        "project_id",
-        "provider",
-        "relationship",
-        "request_id",
-        "reservation_id",
-        "root_request_id",
-        "status",
-        "task_type",
-        "team_id",
-        "user_id",
-        "workflow_id",
-    )  # fmt: skip
-
-    def __init__(self, **values: Any) -> None:
-        for name, value in values.items():
-            setattr(self, name, value)
+    request_id: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    occurred_at: datetime
+    team_id: str
+    project_id: str
+    user_id: str
+    feature: str
+    agent: str
+    task_type: str
+    conversation_id: str
+    workflow_id: str
+    status: str
+    error_type: str
+    latency_ms: int | None
+    metadata: dict[str, Any]
+    reservation_id: str
+    estimated: bool
+    parent_request_id: str
+    root_request_id: str
+    relationship: str
+    intent: str
+    input_hash: str
+    output_hash: str
+    cache_hit: bool | None
 
 
 def _raw_count(raw: dict[str, Any], path: tuple[str, ...], errors: FieldErrors) -> int:

@@ -232,10 +232,8 @@ def health_snapshot() -> dict[str, Any]:
         if reachable:
             tm_redis.reset()
             body["mode"] = "buffered"
-            stats = {
-                k.decode(): v.decode()
-                for k, v in tm_redis.client().hgetall(buffer.stats_key()).items()
-            }
+            raw_stats: dict[bytes, bytes] = tm_redis.client().hgetall(buffer.stats_key())  # type: ignore[assignment]
+            stats = {k.decode(): v.decode() for k, v in raw_stats.items()}
             body["buffer"] = {
                 "depth": buffer.depth(),
                 "pending_entries": buffer.pending_entries(),

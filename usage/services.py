@@ -7,10 +7,11 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -387,7 +388,7 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
         if total_events:
             stats.update(last_flush_at=stats["last_run_at"], last_flush_count=str(total_inserted))
         with client.pipeline(transaction=False) as pipe:
-            pipe.hset(buffer.stats_key(), mapping=stats)
+            pipe.hset(buffer.stats_key(), mapping=cast("Mapping[Any, Any]", stats))
             if total_inserted:
                 pipe.hincrby(buffer.stats_key(), "total_flushed", total_inserted)
             pipe.execute()
@@ -401,9 +402,10 @@ def flush_due(*, force: bool = False) -> bool:
     if force:
         return True
     client = tm_redis.client()
-    depth_raw, last_run = (
-        client.pipeline().get(buffer.depth_key()).hget(buffer.stats_key(), "last_run_at").execute()
-    )
+    pipe = client.pipeline()
+    pipe.get(buffer.depth_key())
+    pipe.hget(buffer.stats_key(), "last_run_at")
+    depth_raw, last_run = pipe.execute()
     depth = int(depth_raw or 0)
     config = manager_config()
     if depth >= config.buffer_size:
