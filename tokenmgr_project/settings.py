@@ -166,6 +166,10 @@ TOKENMGR_RECLAIM_IDLE_MS = env_int(
 )
 TOKENMGR_MAX_FUTURE_SKEW = env_int("TOKENMGR_MAX_FUTURE_SKEW", 300, minimum=0, maximum=86_400)
 TOKENMGR_BATCH_MAX = 1000
+# Largest request body: a full batch whose events all carry the maximum 16 KiB of metadata.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 32 * 1024 * 1024
+# Threads per server process for HTTP requests; each keeps its own database connection.
+TOKENMGR_HTTP_THREADS = env_int("TOKENMGR_HTTP_THREADS", 4, minimum=1, maximum=256)
 
 # --- Celery: Redis broker when configured, else a filesystem broker under DATA_DIR so the
 # embedded default still runs the real worker and beat schedule without any service. ---

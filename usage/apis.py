@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
+from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from usage import actions
-from usage.auth import principal_for
-from usage.errors import ApiError
+from usage.auth import BEARER_CHALLENGE, principal_for, principal_for_bearer
+from usage.errors import ApiError, error_body
 from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
@@ -38,10 +42,58 @@ def _query(request: Request) -> dict[str, Any]:
     return params
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class ActionView(APIView):
-    """Maps HTTP methods to registered actions: `actions_by_method = {"post": "track_usage"}`."""
+    """Maps HTTP methods to registered actions: `actions_by_method = {"post": "track_usage"}`.
+
+    With `fast_post`, a POST carrying a Bearer key and a JSON body (what agents send, many times
+    a second) skips DRF's request wrapping, negotiation and rendering, about a fifth of the
+    request's CPU, and runs the same action with the same authentication and error bodies.
+    Everything else (sessions, the browsable API, other content types) takes the DRF path.
+    """
 
     actions_by_method: ClassVar[dict[str, str]] = {}
+    fast_post = False
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            error = ApiError(
+                "Request body too large.",
+                status_code=413,
+                code="too_large",
+                fields={"body": [f"At most {limit} bytes."]},
+            )
+            return _json(error.body(), error.status_code)
+        if (
+            self.fast_post
+            and request.method == "POST"
+            and request.content_type == "application/json"
+            and request.META.get("HTTP_AUTHORIZATION", "")[:7].lower() == "bearer "
+        ):
+            return self._fast_post(request)
+        return super().dispatch(request, *args, **kwargs)
+
+    def _fast_post(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            principal = principal_for_bearer(request.META["HTTP_AUTHORIZATION"])
+            try:
+                data = json.loads(request.body, parse_constant=_reject_constant)
+            except ValueError as exc:  # the same words as DRF's JSONParser
+                raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+            outcome = actions.run(self.actions_by_method["post"], principal, data)
+        except ApiError as exc:
+            return _json(exc.body(), exc.status_code)
+        except exceptions.APIException as exc:
+            response = _json(error_body(exc, exc.status_code), exc.status_code)
+            if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+                response["WWW-Authenticate"] = BEARER_CHALLENGE
+            return response
+        return _json(outcome.body, outcome.status)
 
     def _run(self, request: Request, method: str, data: Any) -> Response:
         outcome = actions.run(self.actions_by_method[method], principal_for(request), data)
@@ -52,6 +104,14 @@ class ActionView(APIView):
         if hasattr(data, "dict") and not isinstance(data, dict):
             raise ApiError("Invalid body.", fields={"body": ["Send a JSON body."]}, status_code=415)
         return data
+
+
+def _json(body: dict[str, Any], status_code: int) -> JsonResponse:
+    return JsonResponse(
+        body,
+        status=status_code,
+        json_dumps_params={"separators": (",", ":"), "ensure_ascii": False},
+    )
 
 
 _filters_doc = [
@@ -65,6 +125,7 @@ _filters_doc = [
 
 class UsageApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"get": "get_usage", "post": "track_usage"}
+    fast_post = True
 
     @extend_schema(
         parameters=[*_filters_doc, OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
@@ -92,6 +153,7 @@ class UsageApi(ActionView):
 
 class UsageBatchApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "track_usage_batch"}
+    fast_post = True
 
     @extend_schema(request=UsageBatchIn, responses={200: dict}, summary="Track up to 1,000 events")
     def post(self, request: Request) -> Response:

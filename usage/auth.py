@@ -89,21 +89,29 @@ class _KeyCache:
 key_cache = _KeyCache()
 
 
+BEARER_CHALLENGE = 'Bearer realm="tokenmgr"'
+
+
+def principal_for_bearer(header: str) -> Principal:
+    """The principal of an `Authorization: Bearer <key>` header; AuthenticationFailed if none."""
+    kind, _, raw_key = header.partition(" ")
+    if kind.lower() != "bearer" or not raw_key.strip():
+        raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
+    principal = key_cache.get(ApiKey.hash_key(raw_key.strip()))
+    if principal is None:
+        raise exceptions.AuthenticationFailed("API key is unknown or revoked.")
+    return principal
+
+
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Principal, None] | None:
         header = request.META.get("HTTP_AUTHORIZATION", "")
         if not header:
             return None
-        kind, _, raw_key = header.partition(" ")
-        if kind.lower() != "bearer" or not raw_key.strip():
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
-        principal = key_cache.get(ApiKey.hash_key(raw_key.strip()))
-        if principal is None:
-            raise exceptions.AuthenticationFailed("API key is unknown or revoked.")
-        return principal, None
+        return principal_for_bearer(header), None
 
     def authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="tokenmgr"'
+        return BEARER_CHALLENGE
 
 
 class IsPrincipal(permissions.BasePermission):

@@ -1,7 +1,7 @@
 """The durable ingestion buffer: a Redis Stream read through one consumer group.
 
-Each stream entry is one accepted API call's new events (`n` and `rows`, a JSON array of rows in
-`services.ROW_COLUMNS` order). Adding is one Lua script that claims each request_id (SET NX) and
+Each stream entry is one accepted API call's new events: `n`, and `rows`, their COPY text lines
+(`usage.rows`) joined by newlines. Adding is one Lua script that claims each request_id (SET NX) and
 appends only the unclaimed ones, so concurrent repeats are told apart atomically. Entries stay
 pending until the rows are committed; acknowledging is another script that XACKs, XDELs and lowers
 the depth counter only for entries not acknowledged before, so a re-claimed entry is counted once.
@@ -9,7 +9,6 @@ the depth counter only for entries not acknowledged before, so a re-claimed entr
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from tokenmgr_project import redis as tm_redis
 
 GROUP = "flushers"
 
-_ADD = """
+_ADD = r"""
 local n = tonumber(ARGV[3])
 local flags = {}
 local rows = {}
@@ -35,7 +34,7 @@ for i = 1, n do
 end
 local depth = 0
 if #rows > 0 then
-  redis.call('XADD', KEYS[1], '*', 'n', #rows, 'rows', '[' .. table.concat(rows, ',') .. ']')
+  redis.call('XADD', KEYS[1], '*', 'n', #rows, 'rows', table.concat(rows, '\n'))
   depth = redis.call('INCRBY', KEYS[2], #rows)
 else
   depth = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -44,7 +43,7 @@ flags[n + 1] = depth
 return flags
 """
 
-_ACK = """
+_ACK = r"""
 local events = 0
 for i = 2, #ARGV, 2 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
@@ -58,7 +57,7 @@ end
 return events
 """
 
-_RELEASE = """
+_RELEASE = r"""
 for i = 1, #ARGV do
   redis.call('DEL', ARGV[i])
 end
@@ -70,7 +69,7 @@ return #ARGV
 class Entry:
     entry_id: str
     count: int
-    rows: list[list[Any]]
+    lines: list[str]
 
 
 def stream_key() -> str:
@@ -139,7 +138,9 @@ def _entries(raw: list[Any]) -> list[Entry]:
         if not fields:  # deleted while pending: nothing left to write
             entries.append(Entry(entry_id.decode(), 0, []))
             continue
-        entries.append(Entry(entry_id.decode(), int(fields[b"n"]), json.loads(fields[b"rows"])))
+        entries.append(
+            Entry(entry_id.decode(), int(fields[b"n"]), fields[b"rows"].decode().split("\n"))
+        )
     return entries
 
 

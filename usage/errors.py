@@ -67,6 +67,37 @@ def _drf_fields(detail: Any) -> FieldErrors:
     return {}
 
 
+def error_body(exc: exceptions.APIException, status_code: int) -> dict[str, Any]:
+    """The JSON error body for a DRF exception (shared by the DRF handler and fast paths)."""
+    if isinstance(exc, exceptions.ParseError):
+        # Malformed JSON: point at the body, the only "field" there is.
+        message = str(exc.detail)
+        return {"error": {"code": "parse_error", "message": message, "fields": {"body": [message]}}}
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        return {
+            "error": {
+                "code": "unsupported_media_type",
+                "message": str(exc.detail),
+                "fields": {"content_type": ["Send Content-Type: application/json."]},
+            }
+        }
+    if isinstance(exc, exceptions.ValidationError):
+        return validation_error(_drf_fields(exc.detail)).body()
+    detail = exc.detail
+    message = str(detail) if not isinstance(detail, (dict, list)) else "Request failed."
+    fields = _drf_fields(detail) if isinstance(detail, (dict, list)) else {}
+    if status_code == status.HTTP_401_UNAUTHORIZED:
+        fields = fields or {"authorization": [message]}
+    codes = exc.get_codes()
+    return {
+        "error": {
+            "code": codes if isinstance(codes, str) else "error",
+            "message": message,
+            "fields": fields,
+        }
+    }
+
+
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApiError):
         return Response(exc.body(), status=exc.status_code)
@@ -76,42 +107,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     response = exception_handler(exc, context)
-    if response is None:
-        return None
-    body: dict[str, Any]
-    if isinstance(exc, exceptions.ParseError):
-        # Malformed JSON: point at the body, the only "field" there is.
-        body = {
-            "error": {
-                "code": "parse_error",
-                "message": str(exc.detail),
-                "fields": {"body": [str(exc.detail)]},
-            }
-        }
-    elif isinstance(exc, exceptions.UnsupportedMediaType):
-        body = {
-            "error": {
-                "code": "unsupported_media_type",
-                "message": str(exc.detail),
-                "fields": {"content_type": ["Send Content-Type: application/json."]},
-            }
-        }
-    elif isinstance(exc, exceptions.ValidationError):
-        body = validation_error(_drf_fields(exc.detail)).body()
-    elif isinstance(exc, exceptions.APIException):
-        detail = exc.detail
-        message = str(detail) if not isinstance(detail, (dict, list)) else "Request failed."
-        fields = _drf_fields(detail) if isinstance(detail, (dict, list)) else {}
-        if response.status_code == status.HTTP_401_UNAUTHORIZED:
-            fields = fields or {"authorization": [message]}
-        body = {
-            "error": {
-                "code": exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
-                "message": message,
-                "fields": fields,
-            }
-        }
-    else:  # pragma: no cover - DRF only returns responses for APIException subclasses
+    if response is None or not isinstance(exc, exceptions.APIException):
         return response
-    response.data = body
+    response.data = error_body(exc, response.status_code)
     return response

@@ -181,6 +181,38 @@ def _override_rates(row: ModelPrice) -> Rates:
 # --- the one pricing entry point ----------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class PriceChoice:
+    """Which price applies to a (provider, model) at a moment; None rates means unpriced."""
+
+    rates: Rates | None
+    source: str
+    ref: str
+    provider: str
+
+
+def price_choice(provider: str, model: str, at: datetime) -> PriceChoice:
+    override = overrides.find(provider, model, at)
+    if override is not None:
+        return PriceChoice(
+            _override_rates(override),
+            TokenUsage.PriceSource.OVERRIDE,
+            f"override #{override.pk} from {override.effective_from:%Y-%m-%d}",
+            provider or override.provider,
+        )
+    found = catalogue_model(provider, model)
+    rates = _catalogue_rates(found[1], at) if found else None
+    if found is None or rates is None:
+        return PriceChoice(None, TokenUsage.PriceSource.UNPRICED, "", provider)
+    gp_provider, gp_model = found
+    return PriceChoice(
+        rates,
+        TokenUsage.PriceSource.CATALOGUE,
+        f"{CATALOGUE_VERSION}: {gp_provider.id}/{gp_model.id}",
+        provider or gp_provider.id,
+    )
+
+
 def price_usage(
     *,
     provider: str,
@@ -190,36 +222,25 @@ def price_usage(
     output_tokens: int,
     cache_read_tokens: int = 0,
     cache_write_tokens: int = 0,
+    choice: PriceChoice | None = None,
 ) -> PriceResult:
-    """Price one request. An unknown model is unpriced (cost 0, flagged), never an error."""
-    override = overrides.find(provider, model, at)
-    if override is not None:
-        rates = _override_rates(override)
-        source, ref, resolved_provider = (
-            TokenUsage.PriceSource.OVERRIDE,
-            f"override #{override.pk} from {override.effective_from:%Y-%m-%d}",
-            provider or override.provider,
+    """Price one request. An unknown model is unpriced (cost 0, flagged), never an error.
+
+    `choice` skips the look-up when the caller already resolved this (provider, model, at).
+    """
+    choice = choice or price_choice(provider, model, at)
+    if choice.rates is None:
+        return PriceResult(
+            cost=_ZERO,
+            input_cost=_ZERO,
+            output_cost=_ZERO,
+            source=choice.source,
+            ref="",
+            provider=choice.provider,
+            unpriced=True,
         )
-    else:
-        found = catalogue_model(provider, model)
-        catalogue_rates = _catalogue_rates(found[1], at) if found else None
-        if found is None or catalogue_rates is None:
-            return PriceResult(
-                cost=_ZERO,
-                input_cost=_ZERO,
-                output_cost=_ZERO,
-                source=TokenUsage.PriceSource.UNPRICED,
-                ref="",
-                provider=provider,
-                unpriced=True,
-            )
-        rates = catalogue_rates
-        gp_provider, gp_model = found
-        source = TokenUsage.PriceSource.CATALOGUE
-        ref = f"{CATALOGUE_VERSION}: {gp_provider.id}/{gp_model.id}"
-        resolved_provider = provider or gp_provider.id
     input_cost, output_cost, fee = cost_for(
-        rates,
+        choice.rates,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cache_read=cache_read_tokens,
@@ -229,9 +250,9 @@ def price_usage(
         cost=input_cost + output_cost + fee,
         input_cost=input_cost,
         output_cost=output_cost,
-        source=source,
-        ref=ref,
-        provider=resolved_provider,
+        source=choice.source,
+        ref=choice.ref,
+        provider=choice.provider,
         unpriced=False,
     )
 

@@ -13,32 +13,24 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
+import psycopg
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from tokenmgr_project import redis as tm_redis
 from usage import buffer, pricing
+from usage import rows as rows_codec
 from usage.auth import Principal, key_cache
 from usage.errors import ApiError, FieldErrors
 from usage.models import ApiKey, ManagerConfig, ModelPrice, TokenUsage
+from usage.rows import METADATA_COL, ROW_COLUMNS, Row
 from usage.schemas import UsageEvent, validate_event
 
 logger = logging.getLogger(__name__)
 
-# Column order of a ledger row everywhere rows travel (buffer payloads, COPY, INSERT).
-ROW_COLUMNS = (
-    "request_id", "occurred_at", "received_at", "provider", "model", "input_tokens",
-    "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost", "input_cost",
-    "output_cost", "currency", "price_source", "price_ref", "unpriced", "estimated", "team_id",
-    "project_id", "user_id", "feature", "agent", "task_type", "conversation_id", "workflow_id",
-    "status", "error_type", "latency_ms", "metadata", "reservation_id", "parent_request_id",
-    "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
-)  # fmt: skip
-_DATETIME_COLS = (ROW_COLUMNS.index("occurred_at"), ROW_COLUMNS.index("received_at"))
-_DECIMAL_COLS = tuple(ROW_COLUMNS.index(c) for c in ("cost", "input_cost", "output_cost"))
-_METADATA_COL = ROW_COLUMNS.index("metadata")
 _TABLE = TokenUsage._meta.db_table
+_COLS = ", ".join(ROW_COLUMNS)
 # Rows per INSERT … VALUES statement (SQLite allows 32,766 bound parameters).
 _VALUES_CHUNK = 800
 # At or above this many rows, PostgreSQL takes the COPY path.
@@ -146,8 +138,17 @@ def _apply_scope(event: UsageEvent, principal: Principal) -> FieldErrors:
     return errors
 
 
-def _row_for(event: UsageEvent, received_at: datetime) -> tuple[Any, ...]:
+def _row_for(
+    event: UsageEvent,
+    received_at: datetime,
+    choices: dict[tuple[str, str, datetime], pricing.PriceChoice],
+) -> Row:
+    key = (event.provider, event.model, event.occurred_at)
+    choice = choices.get(key)
+    if choice is None:
+        choice = choices[key] = pricing.price_choice(*key)
     price = pricing.price_usage(
+        choice=choice,
         provider=event.provider,
         model=event.model,
         at=event.occurred_at,
@@ -168,23 +169,6 @@ def _row_for(event: UsageEvent, received_at: datetime) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _payload(row: tuple[Any, ...]) -> str:
-    values = list(row)
-    for i in _DATETIME_COLS:
-        values[i] = values[i].isoformat()
-    for i in _DECIMAL_COLS:
-        values[i] = str(values[i])
-    return json.dumps(values, separators=(",", ":"))
-
-
-def _row_from_payload(values: list[Any]) -> tuple[Any, ...]:
-    for i in _DATETIME_COLS:
-        values[i] = datetime.fromisoformat(values[i])
-    for i in _DECIMAL_COLS:
-        values[i] = Decimal(values[i])
-    return tuple(values)
-
-
 def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]:
     """Validate, attribute, price and store usage events; one result per event, in order.
 
@@ -194,8 +178,10 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
     """
     now = timezone.now()
     results: list[ItemResult] = []
-    accepted: list[tuple[ItemResult, tuple[Any, ...]]] = []
+    accepted: list[tuple[ItemResult, Row]] = []
     seen: set[str] = set()
+    # Events of one call mostly share provider, model and time: resolve each price once.
+    choices: dict[tuple[str, str, datetime], pricing.PriceChoice] = {}
     for index, raw in enumerate(events):
         event, errors = validate_event(raw, now=now)
         if event is not None:
@@ -212,7 +198,7 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
             results.append(ItemResult(index, event.request_id, "duplicate"))
             continue
         seen.add(event.request_id)
-        row = _row_for(event, now)
+        row = _row_for(event, now, choices)
         item = ItemResult(index, event.request_id, "created", cost=row[9], unpriced=row[15])
         results.append(item)
         accepted.append((item, row))
@@ -224,7 +210,7 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
     return results
 
 
-def _store(accepted: list[tuple[ItemResult, tuple[Any, ...]]]) -> list[bool]:
+def _store(accepted: list[tuple[ItemResult, Row]]) -> list[bool]:
     rows = [row for _item, row in accepted]
     if tm_redis.available():
         try:
@@ -236,18 +222,16 @@ def _store(accepted: list[tuple[ItemResult, tuple[Any, ...]]]) -> list[bool]:
     return [row[0] in inserted for row in rows]
 
 
-def _store_buffered(rows: list[tuple[Any, ...]]) -> list[bool]:
+def _store_buffered(rows: list[Row]) -> list[bool]:
     ids = [row[0] for row in rows]
     # Older than the Redis claim's TTL, a repeat is only known to the ledger.
-    in_ledger = set(
-        TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
-    )
+    in_ledger = _ids_in_ledger(ids)
     candidates = [row for row in rows if row[0] not in in_ledger]
     flags_by_id: dict[str, bool] = {}
     if candidates:
         flags, depth = buffer.add(
             [row[0] for row in candidates],
-            [_payload(row) for row in candidates],
+            [rows_codec.encode_line(row) for row in candidates],
             settings.TOKENMGR_DEDUPE_TTL,
         )
         flags_by_id = {row[0]: flag for row, flag in zip(candidates, flags, strict=True)}
@@ -256,49 +240,84 @@ def _store_buffered(rows: list[tuple[Any, ...]]) -> list[bool]:
     return [flags_by_id.get(rid, False) for rid in ids]
 
 
+def _ids_in_ledger(ids: list[str]) -> set[str]:
+    if connection.vendor == "postgresql":
+        # One array parameter instead of one placeholder per id: far cheaper to build and plan.
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT request_id FROM {_TABLE} WHERE request_id = ANY(%s)", [ids])
+            return {row[0] for row in cursor.fetchall()}
+    return set(TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
+
+
+_TRIGGER_EVERY_SECONDS = 0.25
+_last_trigger = 0.0
+
+
 def _trigger_flush() -> None:
     """Ask a worker to flush now, at most a few times a second across all API processes."""
+    global _last_trigger
+    now = time.monotonic()
+    if now - _last_trigger < _TRIGGER_EVERY_SECONDS:
+        return  # this process asked moments ago: spare Redis the round trip
+    _last_trigger = now
     if tm_redis.client().set(tm_redis.key("usage", "flush-trigger"), "1", nx=True, px=250):
         from usage.tasks import usage_flush_buffer
 
         usage_flush_buffer.delay(force=True)
 
 
-def _db_params(row: tuple[Any, ...]) -> list[Any]:
+def _db_params(row: Row) -> list[Any]:
     ops = connection.ops
     values = list(row)
-    for i in _DATETIME_COLS:
+    for i in rows_codec.DATETIME_COLS:
         values[i] = ops.adapt_datetimefield_value(values[i])
-    values[_METADATA_COL] = json.dumps(values[_METADATA_COL], separators=(",", ":"))
+    values[METADATA_COL] = json.dumps(values[METADATA_COL], separators=(",", ":"))
     return values
 
 
-def usage_rows_insert(rows: list[tuple[Any, ...]]) -> set[str]:
+def usage_rows_insert(rows: list[Row]) -> set[str]:
     """Insert ledger rows unless their request_id exists; returns the request_ids inserted."""
     if not rows:
         return set()
+    if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+        return usage_lines_insert([rows_codec.encode_line(row) for row in rows])
     inserted: set[str] = set()
     with transaction.atomic():
-        if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
-            inserted = _insert_copy(rows)
-        else:
-            for start in range(0, len(rows), _VALUES_CHUNK):
-                inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
+        for start in range(0, len(rows), _VALUES_CHUNK):
+            inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
     return inserted
 
 
-def _insert_values(rows: list[tuple[Any, ...]]) -> set[str]:
-    cols = ", ".join(ROW_COLUMNS)
+def usage_lines_insert(lines: list[str]) -> set[str]:
+    """The same for rows already encoded as COPY text lines (the buffer's form)."""
+    if not lines:
+        return set()
+    if connection.vendor != "postgresql":
+        return usage_rows_insert([rows_codec.decode_line(line) for line in lines])
+    data = "\n".join(lines) + "\n"
+    try:
+        # Nearly always nothing conflicts (Redis claimed every id): COPY straight into the ledger.
+        with (
+            transaction.atomic(),
+            connection.cursor() as cursor,
+            cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy,
+        ):
+            copy.write(data)
+        return {rows_codec.line_request_id(line) for line in lines}
+    except psycopg.errors.UniqueViolation:
+        # A re-claimed entry or an old repeat: stage, then insert only the absent rows.
+        return _insert_staged(data)
+
+
+def _insert_values(rows: list[Row]) -> set[str]:
+    jsonb = connection.vendor == "postgresql"
     one = (
         "("
-        + ", ".join(
-            "%s::jsonb" if c == "metadata" and connection.vendor == "postgresql" else "%s"
-            for c in ROW_COLUMNS
-        )
+        + ", ".join("%s::jsonb" if jsonb and c == "metadata" else "%s" for c in ROW_COLUMNS)
         + ")"
     )
     sql = (
-        f"INSERT INTO {_TABLE} ({cols}) VALUES {', '.join([one] * len(rows))} "
+        f"INSERT INTO {_TABLE} ({_COLS}) VALUES {', '.join([one] * len(rows))} "
         "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
     )
     params: list[Any] = []
@@ -309,21 +328,16 @@ def _insert_values(rows: list[tuple[Any, ...]]) -> set[str]:
         return {r[0] for r in cursor.fetchall()}
 
 
-def _insert_copy(rows: list[tuple[Any, ...]]) -> set[str]:
-    cols = ", ".join(ROW_COLUMNS)
-    with connection.cursor() as cursor:
+def _insert_staged(data: str) -> set[str]:
+    with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
-            f"SELECT {cols} FROM {_TABLE} WITH NO DATA"
+            f"SELECT {_COLS} FROM {_TABLE} WITH NO DATA"
         )
-        raw_cursor = cursor.cursor
-        with raw_cursor.copy(f"COPY usage_stage ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                values = list(row)
-                values[_METADATA_COL] = json.dumps(values[_METADATA_COL], separators=(",", ":"))
-                copy.write_row(values)
+        with cursor.cursor.copy(f"COPY usage_stage ({_COLS}) FROM STDIN") as copy:
+            copy.write(data)
         cursor.execute(
-            f"INSERT INTO {_TABLE} ({cols}) SELECT {cols} FROM usage_stage "
+            f"INSERT INTO {_TABLE} ({_COLS}) SELECT {_COLS} FROM usage_stage "
             "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
         )
         inserted = {r[0] for r in cursor.fetchall()}
@@ -372,13 +386,13 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
             pending = []
             if not entries:
                 break
-            rows = [_row_from_payload(values) for entry in entries for values in entry.rows]
+            lines = [line for entry in entries for line in entry.lines]
             inserted = 0
-            for start in range(0, len(rows), _FLUSH_CHUNK_ROWS):
-                inserted += len(usage_rows_insert(rows[start : start + _FLUSH_CHUNK_ROWS]))
+            for start in range(0, len(lines), _FLUSH_CHUNK_ROWS):
+                inserted += len(usage_lines_insert(lines[start : start + _FLUSH_CHUNK_ROWS]))
             buffer.ack(entries)
             total_entries += len(entries)
-            total_events += len(rows)
+            total_events += len(lines)
             total_inserted += inserted
             if len(entries) < _READ_ENTRIES:
                 pending = buffer.reclaim(consumer, idle, _READ_ENTRIES)

@@ -124,3 +124,20 @@ def test_it_rejects_a_malformed_batch_envelope(platform: Persona, body: Any) -> 
     response = platform.client.post("/api/v1/usage/batch", body, format="json")
     assert response.status_code == 400
     assert response.json()["error"]["fields"]
+
+
+@pytest.mark.parametrize("url", ["/api/v1/usage", "/api/v1/usage/batch"])
+def test_it_refuses_a_body_over_the_size_limit(platform: Persona, url: str, settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    body = {"events": [event(f"huge-{i}", metadata={"pad": "x" * 500}) for i in range(3)]}
+    response = platform.client.post(url, body, format="json")
+    assert response.status_code == 413
+    assert "body" in response.json()["error"]["fields"]
+    assert rows() == 0
+
+
+def test_a_large_legitimate_batch_is_accepted(platform: Persona) -> None:
+    batch = {"events": [event(f"meta-{i}", metadata={"pad": "x" * 15_000}) for i in range(200)]}
+    response = platform.client.post("/api/v1/usage/batch", batch, format="json")
+    assert response.json()["created"] == 200
+    assert rows() == 200

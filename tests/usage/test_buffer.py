@@ -65,8 +65,8 @@ def test_a_worker_killed_after_commit_before_ack_double_counts_nothing(platform:
         "import os\n"
         "from usage import buffer, services\n"
         "entries = buffer.read_new('victim', 50)\n"
-        "rows = [services._row_from_payload(v) for e in entries for v in e.rows]\n"
-        "services.usage_rows_insert(rows)\n"
+        "lines = [line for e in entries for line in e.lines]\n"
+        "services.usage_lines_insert(lines)\n"
         "os._exit(9)  # dies after the commit, before acknowledging\n"
     )
     assert child.returncode == 9, child.stderr
@@ -140,3 +140,21 @@ def test_celery_beat_and_worker_flush_the_buffer_on_their_own(
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=20)
+
+
+def test_without_redis_a_large_batch_meeting_stored_rows_stores_only_the_new_ones(
+    platform: Persona,
+) -> None:
+    with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
+        first = [event(f"m-{i}") for i in range(0, 100, 2)]
+        assert (
+            platform.client.post("/api/v1/usage/batch", {"events": first}, format="json").json()[
+                "created"
+            ]
+            == 50
+        )
+        both = {"events": [event(f"m-{i}") for i in range(100)]}
+        body = platform.client.post("/api/v1/usage/batch", both, format="json").json()
+    assert (body["created"], body["duplicates"]) == (50, 50)
+    assert [r["status"] for r in body["results"][:2]] == ["duplicate", "created"]
+    assert TokenUsage.objects.count() == 100

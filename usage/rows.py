@@ -1,0 +1,97 @@
+"""A ledger row's layout, and its PostgreSQL COPY text form.
+
+Rows are encoded once, by the API process that accepted them, into COPY text lines; the buffer
+carries those lines and the flush hands them to COPY as they are, so no value is decoded and
+re-adapted on the way to the database. `decode_line` exists for databases without COPY (SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+# Column order of a ledger row everywhere rows travel (buffer lines, COPY, INSERT).
+ROW_COLUMNS = (
+    "request_id", "occurred_at", "received_at", "provider", "model", "input_tokens",
+    "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost", "input_cost",
+    "output_cost", "currency", "price_source", "price_ref", "unpriced", "estimated", "team_id",
+    "project_id", "user_id", "feature", "agent", "task_type", "conversation_id", "workflow_id",
+    "status", "error_type", "latency_ms", "metadata", "reservation_id", "parent_request_id",
+    "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
+)  # fmt: skip
+Row = tuple[Any, ...]
+
+DATETIME_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("occurred_at", "received_at"))
+DECIMAL_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("cost", "input_cost", "output_cost"))
+INT_COLS = frozenset(
+    ROW_COLUMNS.index(c)
+    for c in (
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "latency_ms",
+    )
+)
+BOOL_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("unpriced", "estimated", "cache_hit"))
+METADATA_COL = ROW_COLUMNS.index("metadata")
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def _field(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":")).translate(_ESCAPES)
+    if isinstance(value, str):
+        return value.translate(_ESCAPES)
+    return str(value)  # int, Decimal (PostgreSQL numeric accepts "1E-7")
+
+
+def encode_line(row: Row) -> str:
+    """One COPY text line (no trailing newline)."""
+    return "\t".join(map(_field, row))
+
+
+def _unescape(text: str) -> str:
+    if "\\" not in text:
+        return text
+    out = []
+    chars = iter(text)
+    for ch in chars:
+        out.append(_UNESCAPES[next(chars)] if ch == "\\" else ch)
+    return "".join(out)
+
+
+def line_request_id(line: str) -> str:
+    return _unescape(line.split("\t", 1)[0])
+
+
+def decode_line(line: str) -> Row:
+    values: list[Any] = []
+    for index, raw in enumerate(line.split("\t")):
+        if raw == "\\N":
+            values.append(None)
+        elif index in DATETIME_COLS:
+            values.append(datetime.fromisoformat(raw))
+        elif index in DECIMAL_COLS:
+            values.append(Decimal(raw))
+        elif index in INT_COLS:
+            values.append(int(raw))
+        elif index in BOOL_COLS:
+            values.append(raw == "t")
+        elif index == METADATA_COL:
+            values.append(json.loads(_unescape(raw)))
+        else:
+            values.append(_unescape(raw))
+    return tuple(values)
