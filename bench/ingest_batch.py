@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""Batch ingestion, end to end: HTTP accepted -> rows visible in PostgreSQL.
+
+Target (issue): at least 20,000 events/s on this 2-core machine, reported next to the raw
+PostgreSQL COPY rate measured in the same run.
+
+    .venv/bin/python bench/ingest_batch.py                 # Redis buffer + celery worker/beat
+    .venv/bin/python bench/ingest_batch.py --mode direct   # no REDIS_URL: rows inserted in-request
+
+What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
+  1. drops/creates database `tokenmgr_bench`, FLUSHDB on Redis db 5, migrates, creates an API key;
+  2. starts uvicorn (--workers 2 by default) and, in redis mode, a celery worker (concurrency 1)
+     and celery beat;
+  3. warms every server process up with a few small batches, waits until they are in the ledger;
+  4. raw COPY rate: the same number of rows, cloned from a row the app itself wrote, COPYed into
+     a fresh `CREATE TABLE ... (LIKE usage_tokenusage INCLUDING ALL)` (same indexes, constraints
+     and generated total_tokens column, which is left out of the column list) with psycopg's
+     cursor.copy(): once with write_row() from Python tuples, once as pre-encoded COPY text;
+  5. sends N events as batches of 1000 from a few keep-alive client threads (bodies encoded
+     before the clock starts) and times first request sent -> last response (HTTP accept) and
+     -> `SELECT count(*) FROM usage_tokenusage` showing all N rows (end to end);
+  6. checks every batch answered created == batch size and the ledger holds exactly the N new
+     request_ids, with nothing left in the Redis buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import itertools
+import json
+import re
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h
+
+TARGET_EVENTS_PER_S = 20_000
+REDIS_DB = 5
+DEPTH_KEY = "tokenmgr:usage:depth"
+STREAM_KEY = "tokenmgr:usage:stream"
+_COUNTS_RE = re.compile(rb'"created":(\d+),"duplicates":(\d+),"rejected":(\d+)')
+
+
+def event(rid: str, i: int) -> dict[str, Any]:
+    # The issue's minimal event, with a little variety in tokens and attribution.
+    return {
+        "request_id": rid,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "input_tokens": 120 + i % 50,
+        "output_tokens": 30 + i % 7,
+        "team_id": f"t{i % 5}",
+        "project_id": f"p{i % 11}",
+        "feature": "chat",
+        "agent": f"a{i % 3}",
+    }
+
+
+def make_bodies(prefix: str, n_events: int, batch: int) -> list[tuple[bytes, int]]:
+    bodies = []
+    for start in range(0, n_events, batch):
+        size = min(batch, n_events - start)
+        events = [event(f"{prefix}-{i}", i) for i in range(start, start + size)]
+        bodies.append((json.dumps({"events": events}, separators=(",", ":")).encode(), size))
+    return bodies
+
+
+# --- the HTTP load ------------------------------------------------------------------------------
+
+
+class Sender:
+    """`clients` threads, one keep-alive connection each, taking the next body until none left."""
+
+    def __init__(self, port: int, key: str, bodies: list[tuple[bytes, int]], clients: int):
+        self.port, self.bodies, self.clients = port, bodies, clients
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(clients + 1)
+        self.statuses: dict[int, int] = {}
+        self.created = self.duplicates = self.rejected = 0
+        self.bad_batches: list[str] = []
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+        self.t_start = self.t_last = 0.0
+
+    def _send_all(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        self._barrier.wait()
+        try:
+            while (i := next(self._next)) < len(self.bodies):
+                body, size = self.bodies[i]
+                t = time.perf_counter()
+                conn.request("POST", "/api/v1/usage/batch", body=body, headers=self.headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                done = time.perf_counter()
+                self._record(i, size, resp.status, raw, took=done - t, done=done)
+        except Exception as exc:  # noqa: BLE001 - reported, fails the run
+            with self._lock:
+                self.errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def _record(
+        self, i: int, size: int, status: int, raw: bytes, *, took: float, done: float
+    ) -> None:
+        m = _COUNTS_RE.search(raw, 0, 200)  # the summary leads the body; skip parsing the rest
+        if m:
+            created, dups, rejected = (int(x) for x in m.groups())
+        elif status == 200:
+            data = json.loads(raw)
+            created, dups, rejected = data["created"], data["duplicates"], data["rejected"]
+        else:
+            created = dups = rejected = 0
+        with self._lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.created += created
+            self.duplicates += dups
+            self.rejected += rejected
+            self.latencies.append(took)
+            self.t_last = max(self.t_last, done)
+            if status != 200 or created != size:
+                self.bad_batches.append(f"batch {i}: HTTP {status} created={created} {raw[:300]!r}")
+
+    def start(self) -> threading.Thread:
+        """Start the clients; returns a thread that ends when all responses are back."""
+        threads = [
+            threading.Thread(target=self._send_all, daemon=True) for _ in range(self.clients)
+        ]
+        for t in threads:
+            t.start()
+        self.t_start = time.perf_counter()
+        self._barrier.wait()
+        joiner = threading.Thread(target=lambda: [t.join() for t in threads], daemon=True)
+        joiner.start()
+        return joiner
+
+
+# --- raw COPY -----------------------------------------------------------------------------------
+
+
+def insertable_columns(conn: Any) -> list[str]:
+    """The ledger's columns minus the identity id and the generated total_tokens."""
+    rows = conn.execute(
+        """SELECT column_name FROM information_schema.columns
+           WHERE table_name = 'usage_tokenusage' AND is_generated = 'NEVER'
+             AND is_identity = 'NO' AND coalesce(column_default, '') NOT LIKE 'nextval(%'
+           ORDER BY ordinal_position"""
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def copy_bench(stack: h.Stack, n_rows: int) -> dict[str, float]:
+    """COPY n_rows rows shaped like a row the app wrote into fresh LIKE-copies of the ledger."""
+    with stack.pg() as conn:
+        cols = insertable_columns(conn)
+        col_sql = ", ".join(cols)
+        template = list(conn.execute(f"SELECT {col_sql} FROM usage_tokenusage LIMIT 1").fetchone())
+        for i, v in enumerate(template):
+            if isinstance(v, (dict, list)):  # jsonb: the app sends JSON text, so do we
+                template[i] = json.dumps(v, separators=(",", ":"))
+        rid = cols.index("request_id")
+        salt = secrets.token_hex(4)
+        rows = []
+        for i in range(n_rows):
+            row = list(template)
+            row[rid] = f"copy-{salt}-{i:09d}"
+            rows.append(tuple(row))
+        for table in ("usage_copybench", "usage_copybench_text"):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute(f"CREATE TABLE {table} (LIKE usage_tokenusage INCLUDING ALL)")
+        conn.commit()
+        conn.execute("CHECKPOINT")
+        conn.commit()
+        out: dict[str, float] = {}
+
+        # 1. write_row() from Python tuples: psycopg adapts datetime/Decimal/bool/None per value
+        cur = conn.cursor()
+        t = time.perf_counter()
+        with cur.copy(f"COPY usage_copybench ({col_sql}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+        conn.commit()
+        out["write_row_s"] = time.perf_counter() - t
+
+        # 2. the same rows as pre-encoded COPY text: what the server alone needs
+        buf = io.BytesIO()
+        with cur.copy(f"COPY usage_copybench ({col_sql}) TO STDOUT") as cp:
+            for chunk in cp:
+                buf.write(chunk)
+        data = buf.getvalue()
+        conn.commit()
+        conn.execute("CHECKPOINT")
+        conn.commit()
+        t = time.perf_counter()
+        with cur.copy(f"COPY usage_copybench_text ({col_sql}) FROM STDIN") as cp:
+            for start in range(0, len(data), 1 << 20):
+                cp.write(data[start : start + (1 << 20)])
+        conn.commit()
+        out["text_s"] = time.perf_counter() - t
+
+        for table in ("usage_copybench", "usage_copybench_text"):
+            n = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if n != n_rows:
+                raise RuntimeError(f"COPY bench: {table} has {n} rows, expected {n_rows}")
+            conn.execute(f"DROP TABLE {table}")
+        conn.commit()
+        conn.execute("CHECKPOINT")
+        conn.commit()
+    return out
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def ledger_count(conn: Any, prefix: str | None = None) -> int:
+    if prefix is None:
+        return conn.execute("SELECT count(*) FROM usage_tokenusage").fetchone()[0]
+    return conn.execute(
+        "SELECT count(*) FROM usage_tokenusage WHERE request_id LIKE %s", (prefix + "-%",)
+    ).fetchone()[0]
+
+
+def wait_count(stack: h.Stack, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    with stack.pg(autocommit=True) as conn:
+        while True:
+            n = ledger_count(conn)
+            if n >= expected or time.monotonic() > deadline:
+                return n
+            stack.check_alive()
+            time.sleep(0.1)
+
+
+def warm_up(stack: h.Stack, port: int, workers: int) -> int:
+    """Concurrent small batches so every uvicorn worker has loaded prices, the key, etc."""
+    n_req, size = max(4, workers * 4), 200
+    sender = Sender(
+        port, stack.key, make_bodies("warm-" + secrets.token_hex(3), n_req * size, size), 8
+    )
+    sender.start().join()
+    if sender.errors or sender.bad_batches:
+        raise RuntimeError(f"warm-up failed: {(sender.errors + sender.bad_batches)[:3]}")
+    return n_req * size
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] if s else float("nan")
+
+
+def wait_visible(
+    stack: h.Stack, conn: Any, rds: Any, expected: int, timeout: float
+) -> float | None:
+    """Time at which count(*) first showed `expected` rows. While the Redis buffer still holds
+    events, poll its depth (cheap) instead of counting; t is taken when the final query starts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if rds is not None and int(rds.get(DEPTH_KEY) or 0) > 0:
+            time.sleep(0.01)
+            continue
+        t_query = time.perf_counter()
+        if ledger_count(conn) >= expected:
+            return t_query
+        stack.check_alive()
+        time.sleep(0.05)
+    return None
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mode", choices=("redis", "direct"), default="redis")
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=1000, help="events per request, 1..1000")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent keep-alive client threads")
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn --workers")
+    ap.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for rows")
+    ap.add_argument("--skip-copy", action="store_true", help="do not measure the raw COPY rate")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy record the server processes into DIR")
+    ap.add_argument(
+        "--settings",
+        metavar="MODULE",
+        default="tokenmgr_project.settings",
+        help="DJANGO_SETTINGS_MODULE for every process (for what-if experiments)",
+    )
+    args = ap.parse_args()
+    if not 1 <= args.batch <= 1000:
+        ap.error("--batch must be 1..1000")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    run_id = secrets.token_hex(4)
+    prefix = f"bb-{run_id}"
+    redis_db = REDIS_DB if args.mode == "redis" else None
+    h.log(
+        f"mode={args.mode} events={args.events} batch={args.batch} clients={args.clients} "
+        f"uvicorn --workers {args.workers} settings={args.settings}"
+    )
+    r: dict[str, Any] = {}
+    env = {"DJANGO_SETTINGS_MODULE": args.settings}
+    with h.Stack(redis_db=redis_db, extra_env=env) as stack:
+        stack.setup()
+        port = stack.start_uvicorn(args.workers)
+        if args.mode == "redis":
+            stack.start_worker()
+            stack.start_beat()
+        h.log(f"servers up (uvicorn on 127.0.0.1:{port}); warming up")
+        warm = warm_up(stack, port, args.workers)
+        if wait_count(stack, warm, 60) != warm:
+            raise RuntimeError("warm-up events did not reach the ledger")
+        r["machine"] = h.machine_line(stack)
+        if not args.skip_copy:
+            h.log(f"raw COPY of {args.events} rows")
+            r["copy"] = copy_bench(stack, args.events)
+
+        bodies = make_bodies(prefix, args.events, args.batch)
+        kib = sum(len(b) for b, _ in bodies) / len(bodies) / 1024
+        h.log(f"sending {args.events} events as {len(bodies)} batches ({kib:.0f} KiB each)")
+        rds = stack.redis() if redis_db is not None else None
+        peak_depth = 0
+        profiler = h.Profiler(stack, args.profile, ("uvicorn", "celery-worker"))
+        profiler.start()
+        with stack.pg(autocommit=True) as conn, h.PgConnMonitor(stack) as pgmon:
+            sender = Sender(port, stack.key, bodies, args.clients)
+            cpu0 = h.cpu_snapshot(stack)
+            joiner = sender.start()
+            while joiner.is_alive():
+                if rds is not None:
+                    peak_depth = max(peak_depth, int(rds.get(DEPTH_KEY) or 0))
+                joiner.join(0.05)
+            stack.check_alive()
+            t_end = wait_visible(stack, conn, rds, warm + args.events, args.drain_timeout)
+            cpu1 = h.cpu_snapshot(stack)
+            r["profiles"] = profiler.stop()
+            r["total"] = ledger_count(conn)
+            r["ours"] = ledger_count(conn, prefix)
+            r["distinct"] = conn.execute(
+                "SELECT count(DISTINCT request_id) FROM usage_tokenusage WHERE request_id LIKE %s",
+                (prefix + "-%",),
+            ).fetchone()[0]
+        r["buffer_left"] = int(rds.get(DEPTH_KEY) or 0) if rds is not None else 0
+        r["pending"] = int(rds.xpending(STREAM_KEY, "flushers")["pending"]) if rds else 0
+
+    wall = (t_end or time.perf_counter()) - sender.t_start
+    r.update(
+        warm=warm,
+        t_end=t_end,
+        peak_depth=peak_depth,
+        cpu=h.cpu_report(cpu0, cpu1, wall),
+        pg_sessions=pgmon.summary(),
+    )
+    return report(args, run_id, len(bodies), sender, r)
+
+
+def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender, r: dict) -> int:
+    n = args.events
+    accept_s = sender.t_last - sender.t_start
+    e2e_s = (r["t_end"] - sender.t_start) if r["t_end"] is not None else float("nan")
+    e2e_rate = n / e2e_s if r["t_end"] is not None else 0.0
+    ok = (
+        not sender.errors
+        and not sender.bad_batches
+        and sender.created == n
+        and r["ours"] == n
+        and r["distinct"] == n
+        and r["total"] == r["warm"] + n
+        and r["buffer_left"] == 0
+        and r["pending"] == 0
+    )
+    lat = sender.latencies
+    rule = "=" * 76
+    print(f"\n{rule}")
+    print(
+        f"ingest_batch  mode={args.mode}  uvicorn --workers {args.workers}  "
+        f"clients={args.clients}  run={run_id}"
+    )
+    if args.settings != "tokenmgr_project.settings":
+        print(f"WHAT-IF settings: {args.settings}")
+    print(r["machine"])
+    print("-" * 76)
+    print(f"events                   {n:>12,}  ({n_bodies} batches of {args.batch})")
+    print(f"HTTP accept  seconds     {accept_s:>12.2f}  -> {n / accept_s:>9,.0f} events/s")
+    print(
+        f"  batch latency p50/p99/max  {percentile(lat, 50) * 1000:.0f} / "
+        f"{percentile(lat, 99) * 1000:.0f} / {max(lat) * 1000:.0f} ms"
+    )
+    if args.mode == "redis":
+        print(f"  peak Redis buffer depth    {r['peak_depth']:,} events")
+    print(
+        f"end to end   seconds     {e2e_s:>12.2f}  -> {e2e_rate:>9,.0f} events/s"
+        "  (first send -> count(*) = N)"
+    )
+    if "copy" in r:
+        wr = n / r["copy"]["write_row_s"]
+        tx = n / r["copy"]["text_s"]
+        print(
+            f"raw COPY     write_row() {r['copy']['write_row_s']:>12.2f}  -> {wr:>9,.0f} rows/s"
+            "  (psycopg cursor.copy, Python tuples, 1 txn)"
+        )
+        print(
+            f"raw COPY     text        {r['copy']['text_s']:>12.2f}  -> {tx:>9,.0f} rows/s"
+            "  (pre-encoded COPY text)"
+        )
+        print(
+            f"end to end / raw COPY   {e2e_rate / wr:>12.1%}  (write_row) {e2e_rate / tx:.1%} text"
+        )
+    print(
+        f"responses    created={sender.created:,} duplicates={sender.duplicates} "
+        f"rejected={sender.rejected} HTTP statuses={sender.statuses}"
+    )
+    print(
+        f"ledger       rows with this run's ids={r['ours']:,} distinct={r['distinct']:,} "
+        f"lost={n - r['ours']} buffer left={r['buffer_left']} pending={r['pending']}"
+    )
+    for line in (sender.errors + sender.bad_batches)[:5]:
+        print(f"  ! {line}")
+    print("-" * 76)
+    print(r["cpu"])
+    print(r["pg_sessions"])
+    for path in r["profiles"]:
+        print(h.pyspy_summary(path))
+    print("-" * 76)
+    print(f"integrity: {'OK (no event lost or duplicated)' if ok else 'FAILED'}")
+    verdict = "PASS" if ok and e2e_rate >= TARGET_EVENTS_PER_S else "FAIL"
+    print(f"target: >= {TARGET_EVENTS_PER_S} events/s  -> {verdict} ({e2e_rate:,.0f} events/s)")
+    print(rule)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    h.ensure_venv()
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, h.Interrupted) as exc:
+        print(f"interrupted ({exc!r}); everything started was stopped", file=sys.stderr)
+        sys.exit(130)
