@@ -1,5 +1,9 @@
-"""Websocket routes. The live-status consumers (SPEC §8) are added here by that capability."""
+"""Websocket routes."""
 
-from django.urls import URLPattern
+from django.urls import URLPattern, re_path
 
-websocket_urlpatterns: list[URLPattern] = []
+from reporting.consumers import StatusConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    re_path(r"^ws/status/(?P<conversation_id>[^/]{1,128})/$", StatusConsumer.as_asgi()),
+]

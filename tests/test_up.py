@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from websockets.sync.client import connect
 
 from tests.conftest import child_database_url
 from usage import services
@@ -94,6 +95,16 @@ def test_up_starts_the_whole_system_and_usage_reaches_the_ledger(tmp_path: Path)
             f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=10
         ) as css:
             assert css.status == 200
+        with connect(
+            f"ws://127.0.0.1:{port}/ws/status/e2e-conv/",
+            additional_headers={"Authorization": f"Bearer {raw}"},
+            origin=f"http://127.0.0.1:{port}",  # AllowedHostsOriginValidator wants an Origin
+            open_timeout=10,
+        ) as websocket:
+            status_body = {"conversation_id": "e2e-conv", "category": "progress", "message": "hi"}
+            assert _call(f"{base}/status", status_body, raw)[0] == 202
+            batch = json.loads(websocket.recv(timeout=10))
+        assert (batch["category"], batch["messages"][0]["message"]) == ("progress", "hi")
     finally:
         up.send_signal(signal.SIGTERM)
         output = up.communicate(timeout=40)[0]

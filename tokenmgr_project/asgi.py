@@ -103,6 +103,29 @@ class WsgiBridge:
         await send({"type": "http.response.body", "body": body})
 
 
+class Lifespan:
+    """Embedded default (no Redis): the status broadcaster runs in this server process, the
+    only place the in-process channel layer reaches. With Redis it is its own process."""
+
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
+        from reporting.broadcaster import StatusBroadcaster
+
+        stop = asyncio.Event()
+        task: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if not settings.REDIS_URL:
+                    task = asyncio.create_task(StatusBroadcaster().run(stop))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                stop.set()
+                if task is not None:
+                    await task
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
 def _warm_up_and_freeze() -> None:
     """Load the price catalogue now, then take everything loaded so far out of the garbage
     collector's sight: a full collection over Django, DRF and the catalogue took ~65 ms, a
@@ -117,6 +140,7 @@ def _warm_up_and_freeze() -> None:
 application = ProtocolTypeRouter(
     {
         "http": WsgiBridge(get_wsgi_application(), threads=settings.TOKENMGR_HTTP_THREADS),
+        "lifespan": Lifespan(),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

@@ -246,6 +246,9 @@ def health_snapshot() -> dict[str, Any]:
             }
     if db_ok:
         body["unpriced_requests"] = TokenUsage.objects.filter(unpriced=True).count()
+        from reporting.services import status_queue_stats  # reporting builds on usage
+
+        body["status_messages"] = status_queue_stats()
     ok = db_ok and (body["redis"]["reachable"] is not False)
     body["status"] = "ok" if ok else ("degraded" if db_ok else "down")
     body["checked_at"] = timezone.now().isoformat()

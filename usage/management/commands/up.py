@@ -1,7 +1,8 @@
 """manage.py up — the whole system in one command (README, first command).
 
 Creates or migrates the schema, then starts and supervises the ASGI server (HTTP + websockets),
-a Celery worker and Celery beat. Uses PostgreSQL / Redis when DATABASE_URL / REDIS_URL are set,
+a Celery worker, Celery beat and the live-status broadcaster (its own process with Redis; inside
+the server without). Uses PostgreSQL / Redis when DATABASE_URL / REDIS_URL are set,
 otherwise SQLite and a filesystem broker (no services needed). If any process dies, all stop.
 """
 
@@ -24,7 +25,7 @@ from usage.models import ApiKey
 
 
 class Command(BaseCommand):
-    help = "Migrate, then run the ASGI server, Celery worker and Celery beat until stopped."
+    help = "Migrate, then run the server, Celery worker and beat and the status broadcaster."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=os.environ.get("TOKENMGR_HOST", "127.0.0.1"))
@@ -61,6 +62,12 @@ class Command(BaseCommand):
             "worker": [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
             "beat": [*celery, "beat", "--loglevel", "WARNING"],
         }  # fmt: skip
+        if settings.REDIS_URL:
+            # Embedded, the broadcaster runs inside the server (the channel layer is in-process).
+            commands["broadcaster"] = [sys.executable, "manage.py", "broadcast_status"]
+        elif workers > 1:
+            self.stderr.write("Without Redis, live status reaches only one server process: use 1.")
+            sys.exit(2)
         self._banner(options["host"], options["port"])
         children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
         stopping = False

@@ -1,0 +1,103 @@
+"""Websocket consumers (SPEC §8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from rest_framework.exceptions import AuthenticationFailed
+
+from reporting.models import StatusCategory
+from reporting.selectors import conversation_visible_to
+from reporting.services import status_group
+from usage.auth import Principal, principal_for_bearer
+
+CLOSE_FORBIDDEN = 4403
+
+
+def _principal_for_scope(scope: dict[str, Any]) -> Principal | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            try:
+                return principal_for_bearer(value.decode("latin1"))
+            except AuthenticationFailed:
+                return None
+    user = scope.get("user")
+    if user is not None and user.is_authenticated and user.is_staff:
+        return Principal.for_staff(user)
+    return None
+
+
+def _may_join(scope: dict[str, Any], conversation_id: str) -> bool:
+    principal = _principal_for_scope(scope)
+    return principal is not None and conversation_visible_to(principal, conversation_id)
+
+
+class StatusConsumer(AsyncJsonWebsocketConsumer):
+    """A conversation's live status. Send {"action": "subscribe"|"unsubscribe", "categories":
+    [...]} or {"action": "subscriptions"}; receive {"type": "status.batch", ...} messages."""
+
+    conversation_id = ""
+    joined = False
+
+    async def connect(self) -> None:
+        self.conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        if not await database_sync_to_async(_may_join)(self.scope, self.conversation_id):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.categories = set(StatusCategory.values)
+        await self.channel_layer.group_add(status_group(self.conversation_id), self.channel_name)
+        self.joined = True
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.joined:
+            await self.channel_layer.group_discard(
+                status_group(self.conversation_id), self.channel_name
+            )
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        action = content.get("action") if isinstance(content, dict) else None
+        if action == "subscriptions":
+            await self._send_subscriptions()
+            return
+        categories = content.get("categories") if isinstance(content, dict) else None
+        if action not in ("subscribe", "unsubscribe") or not isinstance(categories, list):
+            await self.send_json(
+                {
+                    "type": "error",
+                    "message": 'Send {"action": "subscribe"|"unsubscribe", "categories": [...]} '
+                    'or {"action": "subscriptions"}.',
+                }
+            )
+            return
+        unknown = sorted(str(c) for c in categories if c not in StatusCategory.values)
+        if unknown:
+            await self.send_json(
+                {
+                    "type": "error",
+                    "message": f"Unknown categories: {', '.join(unknown)}.",
+                    "known": StatusCategory.values,
+                }
+            )
+            return
+        if action == "subscribe":
+            self.categories |= set(categories)
+        else:
+            self.categories -= set(categories)
+        await self._send_subscriptions()
+
+    async def _send_subscriptions(self) -> None:
+        await self.send_json({"type": "subscriptions", "categories": sorted(self.categories)})
+
+    async def status_batch(self, event: dict[str, Any]) -> None:
+        if event["category"] in self.categories:
+            await self.send_json(
+                {
+                    "type": "status.batch",
+                    "conversation_id": event["conversation_id"],
+                    "category": event["category"],
+                    "messages": event["messages"],
+                }
+            )
