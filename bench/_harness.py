@@ -42,6 +42,27 @@ def ensure_venv() -> None:
         os.execv(PY, [PY, *sys.argv])
 
 
+def run_main(main: Any) -> None:
+    """Entry point of a benchmark script: the project's venv, and a clean exit on Ctrl-C."""
+    ensure_venv()
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"interrupted ({exc!r}); everything started was stopped", file=sys.stderr)
+        sys.exit(130)
+
+
+def add_common_args(ap: Any) -> None:
+    """Options every benchmark takes."""
+    ap.add_argument("--profile", metavar="DIR", help="py-spy record the server processes into DIR")
+    ap.add_argument(
+        "--settings",
+        metavar="MODULE",
+        default="tokenmgr_project.settings",
+        help="DJANGO_SETTINGS_MODULE for every process (for what-if experiments)",
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -289,13 +289,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="uvicorn --workers")
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for rows")
     ap.add_argument("--skip-copy", action="store_true", help="do not measure the raw COPY rate")
-    ap.add_argument("--profile", metavar="DIR", help="py-spy record the server processes into DIR")
-    ap.add_argument(
-        "--settings",
-        metavar="MODULE",
-        default="tokenmgr_project.settings",
-        help="DJANGO_SETTINGS_MODULE for every process (for what-if experiments)",
-    )
+    h.add_common_args(ap)
     args = ap.parse_args()
     if not 1 <= args.batch <= 1000:
         ap.error("--batch must be 1..1000")
@@ -443,9 +437,4 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
 
 
 if __name__ == "__main__":
-    h.ensure_venv()
-    try:
-        sys.exit(main())
-    except (KeyboardInterrupt, h.Interrupted) as exc:
-        print(f"interrupted ({exc!r}); everything started was stopped", file=sys.stderr)
-        sys.exit(130)
+    h.run_main(main)

@@ -139,14 +139,8 @@ def parse_args() -> argparse.Namespace:
         default=TARGET_RPS,
         help="offered req/s of the paced run (0: skip it); the target is judged on this run",
     )
-    ap.add_argument("--profile", metavar="DIR", help="py-spy record the server processes into DIR")
     ap.add_argument("--show-wrk", action="store_true", help="also print wrk's own output")
-    ap.add_argument(
-        "--settings",
-        metavar="MODULE",
-        default="tokenmgr_project.settings",
-        help="DJANGO_SETTINGS_MODULE for every process (for what-if experiments)",
-    )
+    h.add_common_args(ap)
     ap.add_argument(
         "--interface",
         choices=("asgi", "wsgi"),
@@ -341,9 +335,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    h.ensure_venv()
-    try:
-        sys.exit(main())
-    except (KeyboardInterrupt, h.Interrupted) as exc:
-        print(f"interrupted ({exc!r}); everything started was stopped", file=sys.stderr)
-        sys.exit(130)
+    h.run_main(main)

@@ -39,6 +39,20 @@ async def _broadcast_everything() -> None:
         pass
 
 
+def _received_by(path: str, key: str) -> list[dict[str, Any]]:
+    """Connect a client, broadcast everything queued, return the batches it got."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        client = _client(path, key=key)
+        assert (await client.connect())[0]
+        await _broadcast_everything()
+        batches = await _drain(client)
+        await client.disconnect()
+        return batches
+
+    return async_to_sync(scenario)()
+
+
 def test_messages_reach_a_client_in_batches_per_category(platform: Persona) -> None:
     for i in range(120):
         status_publish(conversation_id="conv-1", category="progress", message=f"step {i}")
@@ -46,15 +60,7 @@ def test_messages_reach_a_client_in_batches_per_category(platform: Persona) -> N
         status_publish(conversation_id="conv-1", category="tool", message=f"tool {i}")
     status_publish(conversation_id="conv-other", category="tool", message="elsewhere")
 
-    async def scenario() -> list[dict[str, Any]]:
-        client = _client("/ws/status/conv-1/", key=platform.raw_key)
-        assert (await client.connect())[0]
-        await _broadcast_everything()
-        batches = await _drain(client)
-        await client.disconnect()
-        return batches
-
-    batches = async_to_sync(scenario)()
+    batches = _received_by("/ws/status/conv-1/", platform.raw_key)
     sizes = Counter((b["category"], len(b["messages"])) for b in batches)
     assert sizes == {("progress", 50): 2, ("progress", 20): 1, ("tool", 3): 1}
     assert {b["conversation_id"] for b in batches} == {"conv-1"}
@@ -96,15 +102,8 @@ def test_the_queue_keeps_the_newest_1000_and_counts_what_it_dropped(platform: Pe
     for i in range(QUEUE_LIMIT + 5):
         status_publish(conversation_id="conv-3", category="info", message=str(i))
 
-    async def scenario() -> list[dict[str, Any]]:
-        client = _client("/ws/status/conv-3/", key=platform.raw_key)
-        assert (await client.connect())[0]
-        await _broadcast_everything()
-        batches = await _drain(client)
-        await client.disconnect()
-        return batches
-
-    delivered = [m["message"] for b in async_to_sync(scenario)() for m in b["messages"]]
+    received = _received_by("/ws/status/conv-3/", platform.raw_key)
+    delivered = [m["message"] for b in received for m in b["messages"]]
     assert delivered == [str(i) for i in range(5, QUEUE_LIMIT + 5)]
     assert platform.client.get("/api/v1/health").json()["status_messages"]["dropped"] == 5
 
@@ -165,14 +164,5 @@ def test_messages_published_while_redis_is_down_are_delivered_later(
 
     tm_redis.reset()
 
-    async def scenario() -> list[dict[str, Any]]:
-        client = _client("/ws/status/conv-5/", key=platform.raw_key)
-        assert (await client.connect())[0]
-        await _broadcast_everything()
-        batches = await _drain(client)
-        await client.disconnect()
-        return batches
-
-    assert [m["message"] for b in async_to_sync(scenario)() for m in b["messages"]] == [
-        "while down"
-    ]
+    received = _received_by("/ws/status/conv-5/", platform.raw_key)
+    assert [m["message"] for b in received for m in b["messages"]] == ["while down"]
