@@ -28,7 +28,7 @@ def _client(path: str, key: str = "", user: Any = None) -> WebsocketCommunicator
 
 async def _drain(communicator: WebsocketCommunicator) -> list[dict[str, Any]]:
     batches = []
-    while not await communicator.receive_nothing(timeout=0.3):
+    while not await communicator.receive_nothing(timeout=1.0):  # generous: CI may be loaded
         batches.append(await communicator.receive_json_from())
     return batches
 
