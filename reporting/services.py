@@ -73,12 +73,8 @@ def status_publish(
     }
     if tm_redis.available():
         try:
-            client = tm_redis.client()
-            script = getattr(client, "_tokenmgr_status_push", None)
-            if script is None:
-                script = client.register_script(_PUSH)
-                client._tokenmgr_status_push = script  # type: ignore[attr-defined]
-            script(keys=[queue_key(), dropped_key()], args=[json.dumps(payload), QUEUE_LIMIT])
+            push = tm_redis.script(_PUSH)
+            push(keys=[queue_key(), dropped_key()], args=[json.dumps(payload), QUEUE_LIMIT])
             return
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; status message queued in the database")

@@ -88,18 +88,12 @@ class WsgiBridge:
 
     @staticmethod
     async def _too_large(send: Any) -> None:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "too_large",
-                    "message": "Request body too large.",
-                    "fields": {"body": [f"At most {limit} bytes."]},
-                }
-            }
-        ).encode()
+        from usage.errors import body_too_large_error
+
+        error = body_too_large_error()
+        body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -55,6 +56,16 @@ def trip() -> None:
 def reset() -> None:
     global _open_until
     _open_until = 0.0
+
+
+def script(source: str) -> Any:
+    """The shared client's registered Lua script for `source` (registered once per client)."""
+    current = client()
+    registered: dict[str, Any] = current.__dict__.setdefault("_tokenmgr_scripts", {})
+    found = registered.get(source)
+    if found is None:
+        found = registered[source] = current.register_script(source)
+    return found
 
 
 def key(*parts: str) -> str:

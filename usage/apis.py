@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from usage import actions
 from usage.auth import BEARER_CHALLENGE, principal_for, principal_for_bearer
-from usage.errors import ApiError, error_body
+from usage.errors import ApiError, body_too_large_error, error_body
 from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
@@ -61,13 +61,7 @@ class ActionView(APIView):
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         length = request.META.get("CONTENT_LENGTH") or "0"
         if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            error = ApiError(
-                "Request body too large.",
-                status_code=413,
-                code="too_large",
-                fields={"body": [f"At most {limit} bytes."]},
-            )
+            error = body_too_large_error()
             return _json(error.body(), error.status_code)
         if (
             self.fast_post

@@ -92,18 +92,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _scripts(client: redis.Redis) -> tuple[Any, Any, Any]:
-    cached = getattr(client, "_tokenmgr_scripts", None)
-    if cached is None:
-        cached = (
-            client.register_script(_ADD),
-            client.register_script(_ACK),
-            client.register_script(_RELEASE),
-        )
-        client._tokenmgr_scripts = cached  # type: ignore[attr-defined]
-    return cached
-
-
 def ensure_group(client: redis.Redis) -> None:
     try:
         # From id 0 so entries written before the group existed are still flushed.
@@ -115,9 +103,7 @@ def ensure_group(client: redis.Redis) -> None:
 
 def add(request_ids: list[str], payloads: list[str], ttl_seconds: int) -> tuple[list[bool], int]:
     """Claim and buffer events. Returns (is_new per event, buffered depth after the add)."""
-    client = tm_redis.client()
-    add_script = _scripts(client)[0]
-    result = add_script(
+    result = tm_redis.script(_ADD)(
         keys=[stream_key(), depth_key()],
         args=[dedupe_prefix(), ttl_seconds, len(request_ids), *request_ids, *payloads],
     )
@@ -128,8 +114,7 @@ def add(request_ids: list[str], payloads: list[str], ttl_seconds: int) -> tuple[
 def release(request_ids: list[str]) -> None:
     """Forget claims for events that were not buffered after all (used on rollback paths)."""
     if request_ids:
-        client = tm_redis.client()
-        _scripts(client)[2](args=[dedupe_prefix() + rid for rid in request_ids])
+        tm_redis.script(_RELEASE)(args=[dedupe_prefix() + rid for rid in request_ids])
 
 
 def _entries(raw: list[Any]) -> list[Entry]:
@@ -167,11 +152,10 @@ def ack(entries: list[Entry]) -> int:
     """Acknowledge committed entries; returns how many events left the buffer."""
     if not entries:
         return 0
-    client = tm_redis.client()
     args: list[Any] = [GROUP]
     for entry in entries:
         args.extend((entry.entry_id, entry.count))
-    return int(_scripts(client)[1](keys=[stream_key(), depth_key()], args=args))
+    return int(tm_redis.script(_ACK)(keys=[stream_key(), depth_key()], args=args))
 
 
 def depth() -> int:

@@ -52,6 +52,19 @@ def pydantic_field_errors(exc: ValidationError, prefix: str = "") -> FieldErrors
     return fields
 
 
+def body_too_large_error() -> ApiError:
+    """A request body over DATA_UPLOAD_MAX_MEMORY_SIZE (the HTTP bridge and the views)."""
+    from django.conf import settings
+
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return ApiError(
+        "Request body too large.",
+        status_code=413,
+        code="too_large",
+        fields={"body": [f"At most {limit} bytes."]},
+    )
+
+
 def validation_error(fields: FieldErrors, message: str = "Invalid input.") -> ApiError:
     return ApiError(message, status_code=400, code="invalid", fields=fields)
 
