@@ -14,6 +14,8 @@ from django.conf import settings
 from django.db import connection, connections
 from rest_framework.test import APIClient
 
+from budgets import alerts as budget_alerts
+from budgets import selectors as budget_selectors
 from tokenmgr_project import redis as tm_redis
 from usage import pricing, services
 from usage.auth import key_cache
@@ -147,5 +149,7 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
     key_cache.clear()
     pricing.overrides.invalidate()
     services._config_cache = None
+    budget_selectors.invalidate_rules()
+    budget_alerts._soon_last.clear()
     yield
     tm_redis.reset()

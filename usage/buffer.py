@@ -24,10 +24,37 @@ _ADD = r"""
 local n = tonumber(ARGV[3])
 local flags = {}
 local rows = {}
+-- Per event after the ids and rows: reservation key ('' none), cost, tokens, #counters, counters.
+local pos = 4 + 2 * n
+local openz = ARGV[pos]
+pos = pos + 1
 for i = 1, n do
-  if redis.call('SET', ARGV[1] .. ARGV[3 + i], '1', 'NX', 'EX', ARGV[2]) then
+  local rsv, cost, tokens, k = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])
+  local first = pos + 4
+  pos = first + k
+  if rsv ~= '' and redis.call('EXISTS', rsv) == 0 then
+    flags[i] = 2
+  elseif redis.call('SET', ARGV[1] .. ARGV[3 + i], '1', 'NX', 'EX', ARGV[2]) then
     flags[i] = 1
     rows[#rows + 1] = ARGV[3 + n + i]
+    if rsv ~= '' then
+      local r = redis.call('HMGET', rsv, 'keys', 'hc', 'ht', 'status')
+      if r[4] == 'open' then
+        for key in string.gmatch(r[1] or '', '[^,]+') do
+          redis.call('HINCRBY', key, 'hc', -tonumber(r[2]))
+          redis.call('HINCRBY', key, 'ht', -tonumber(r[3]))
+        end
+        redis.call('HSET', rsv, 'status', 'settled', 'request_id', ARGV[3 + i])
+        redis.call('ZREM', openz, rsv)
+      end
+    end
+    -- Only seeded counters: a missing one is loaded from the ledger and buffer when next read.
+    for j = first, first + k - 1 do
+      if redis.call('HEXISTS', ARGV[j], 's') == 1 then
+        redis.call('HINCRBY', ARGV[j], 'c', cost)
+        redis.call('HINCRBY', ARGV[j], 't', tokens)
+      end
+    end
   else
     flags[i] = 0
   end
@@ -101,14 +128,40 @@ def ensure_group(client: redis.Redis) -> None:
             raise
 
 
-def add(request_ids: list[str], payloads: list[str], ttl_seconds: int) -> tuple[list[bool], int]:
-    """Claim and buffer events. Returns (is_new per event, buffered depth after the add)."""
-    result = tm_redis.script(_ADD)(
-        keys=[stream_key(), depth_key()],
-        args=[dedupe_prefix(), ttl_seconds, len(request_ids), *request_ids, *payloads],
-    )
+NEW, DUPLICATE, UNKNOWN_RESERVATION = 1, 0, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Counting:
+    """What a new event also does, atomically with being buffered: settle its reservation (a
+    Redis key, or '') and add its cost (micro-units) and tokens to each seeded counter key."""
+
+    reservation_key: str = ""
+    cost_micros: int = 0
+    tokens: int = 0
+    counter_keys: tuple[str, ...] = ()
+
+
+_NOTHING = Counting()
+
+
+def add(
+    request_ids: list[str],
+    payloads: list[str],
+    ttl_seconds: int,
+    counting: list[Counting] | None = None,
+    open_reservations_key: str = "",
+) -> tuple[list[int], int]:
+    """Claim and buffer events. Returns (NEW / DUPLICATE / UNKNOWN_RESERVATION per event, buffered
+    depth after the add). An event naming an unknown reservation is neither claimed nor stored."""
+    args: list[Any] = [dedupe_prefix(), ttl_seconds, len(request_ids), *request_ids, *payloads]
+    args.append(open_reservations_key)
+    for item in counting or [_NOTHING] * len(request_ids):
+        args.extend((item.reservation_key, item.cost_micros, item.tokens, len(item.counter_keys)))
+        args.extend(item.counter_keys)
+    result = tm_redis.script(_ADD)(keys=[stream_key(), depth_key()], args=args)
     depth = int(result[-1])
-    return [bool(flag) for flag in result[:-1]], depth
+    return [int(flag) for flag in result[:-1]], depth
 
 
 def release(request_ids: list[str]) -> None:

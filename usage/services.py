@@ -18,6 +18,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from budgets import counters
+from budgets import services as budget_services
 from tokenmgr_project import redis as tm_redis
 from usage import buffer, pricing
 from usage import rows as rows_codec
@@ -203,41 +205,92 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
         results.append(item)
         accepted.append((item, row))
     if accepted:
-        new_flags = _store(accepted)
-        for (item, _row), is_new in zip(accepted, new_flags, strict=True):
-            if not is_new:
+        flags, budget_ids = _store(accepted)
+        for (item, _row), flag in zip(accepted, flags, strict=True):
+            if flag == buffer.DUPLICATE:
                 item.status = "duplicate"
+            elif flag == buffer.UNKNOWN_RESERVATION:
+                item.status = "rejected"
+                item.errors = {"reservation_id": [_UNKNOWN_RESERVATION]}
+        budget_services.usage_counted(budget_ids)
     return results
 
 
-def _store(accepted: list[tuple[ItemResult, Row]]) -> list[bool]:
+_UNKNOWN_RESERVATION = "Unknown reservation: no check with reserve=true returned this id."
+
+
+def _store(accepted: list[tuple[ItemResult, Row]]) -> tuple[list[int], set[int]]:
+    """Store new rows; per row NEW, DUPLICATE or UNKNOWN_RESERVATION, and the budgets counted."""
     rows = [row for _item, row in accepted]
+    plan = budget_services.usage_plan(rows)
     if tm_redis.available():
         try:
-            return _store_buffered(rows)
+            return _store_buffered(rows, plan), plan.budget_ids
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; writing usage straight to the database")
             tm_redis.trip()
-    inserted = usage_rows_insert(rows)
-    return [row[0] in inserted for row in rows]
+    return _store_direct(rows, plan), plan.budget_ids
 
 
-def _store_buffered(rows: list[Row]) -> list[bool]:
+def _store_direct(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]:
+    with transaction.atomic():
+        unknown = budget_services.reservations_unknown_db({r for r in plan.reservations if r})
+        if tm_redis.configured():
+            # Redis holds the reservations but is unreachable: record the usage (it happened)
+            # and let the hold expire rather than refuse it.
+            unknown = set()
+        storable = [
+            row for row, rsv in zip(rows, plan.reservations, strict=True) if rsv not in unknown
+        ]
+        inserted = usage_rows_insert(storable)
+        budget_services.reservations_settle_db(
+            {
+                rsv: row[0]
+                for row, rsv in zip(rows, plan.reservations, strict=True)
+                if rsv and row[0] in inserted
+            }
+        )
+    return [
+        buffer.UNKNOWN_RESERVATION
+        if rsv in unknown
+        else (buffer.NEW if row[0] in inserted else buffer.DUPLICATE)
+        for row, rsv in zip(rows, plan.reservations, strict=True)
+    ]
+
+
+def _store_buffered(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]:
     ids = [row[0] for row in rows]
     # Older than the Redis claim's TTL, a repeat is only known to the ledger.
     in_ledger = _ids_in_ledger(ids)
-    candidates = [row for row in rows if row[0] not in in_ledger]
-    flags_by_id: dict[str, bool] = {}
-    if candidates:
+    picked = [i for i, row in enumerate(rows) if row[0] not in in_ledger]
+    flags_by_id: dict[str, int] = {}
+    if picked:
+        counting = None
+        if not plan.empty:
+            counting = [
+                buffer.Counting(
+                    reservation_key=(
+                        counters.reservation_key(plan.reservations[i])
+                        if plan.reservations[i]
+                        else ""
+                    ),
+                    cost_micros=plan.cost_micros[i],
+                    tokens=plan.tokens[i],
+                    counter_keys=tuple(plan.keys[i]),
+                )
+                for i in picked
+            ]
         flags, depth = buffer.add(
-            [row[0] for row in candidates],
-            [rows_codec.encode_line(row) for row in candidates],
+            [rows[i][0] for i in picked],
+            [rows_codec.encode_line(rows[i]) for i in picked],
             settings.TOKENMGR_DEDUPE_TTL,
+            counting,
+            counters.open_reservations_key(),
         )
-        flags_by_id = {row[0]: flag for row, flag in zip(candidates, flags, strict=True)}
+        flags_by_id = {rows[i][0]: flag for i, flag in zip(picked, flags, strict=True)}
         if depth >= manager_config().buffer_size:
             _trigger_flush()
-    return [flags_by_id.get(rid, False) for rid in ids]
+    return [flags_by_id.get(rid, buffer.DUPLICATE) for rid in ids]
 
 
 def _ids_in_ledger(ids: list[str]) -> set[str]:

@@ -1,0 +1,103 @@
+"""Validated inputs of the budget actions."""
+
+from __future__ import annotations
+
+import zoneinfo
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from usage.schemas import MAX_TOKENS, Dim, Strict, TokenCount
+
+Percent = Annotated[Decimal, Field(gt=0, le=100, max_digits=5, decimal_places=2)]
+CostLimit = Annotated[Decimal, Field(gt=0, max_digits=20, decimal_places=6)]
+TokenLimit = Annotated[int, Field(strict=True, gt=0, le=10**15)]
+Scope = Literal["global", "team", "project", "user", "agent", "feature"]
+Period = Literal["daily", "weekly", "monthly", "yearly", "lifetime"]
+Name = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+
+
+def _tz(value: str | None) -> str | None:
+    if value is None:
+        return value
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"Unknown time zone {value!r} (use an IANA name such as Europe/Berlin)."
+        ) from None
+    return value
+
+
+def _thresholds(value: list[Decimal] | None) -> list[Decimal] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("Thresholds must be distinct.")
+    return value
+
+
+class BudgetIn(Strict):
+    name: Name
+    scope: Scope
+    scope_id: Dim = ""
+    team_id: Dim = ""
+    project_id: Dim = ""
+    period: Period = "monthly"
+    timezone: Annotated[str, Field(strict=True, max_length=64)] = "UTC"
+    cost_limit: CostLimit | None = None
+    token_limit: TokenLimit | None = None
+    enforcement: Literal["hard", "soft"] = "hard"
+    thresholds: Annotated[list[Percent], Field(max_length=20)] | None = None
+    is_active: Annotated[bool, Field(strict=True)] = True
+
+    _check_tz = field_validator("timezone")(_tz)
+    _check_thresholds = field_validator("thresholds")(_thresholds)
+
+
+class BudgetPatchIn(Strict):
+    name: Name | None = None
+    scope: Scope | None = None
+    scope_id: Dim | None = None
+    team_id: Dim | None = None
+    project_id: Dim | None = None
+    period: Period | None = None
+    timezone: Annotated[str, Field(strict=True, max_length=64)] | None = None
+    cost_limit: CostLimit | None = None
+    token_limit: TokenLimit | None = None
+    enforcement: Literal["hard", "soft"] | None = None
+    thresholds: Annotated[list[Percent], Field(max_length=20)] | None = None
+    is_active: Annotated[bool, Field(strict=True)] | None = None
+
+    _check_tz = field_validator("timezone")(_tz)
+    _check_thresholds = field_validator("thresholds")(_thresholds)
+
+
+class ChatMessage(Strict):
+    role: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+    content: Annotated[str, Field(strict=True, max_length=5_000_000)]
+    name: Annotated[str, Field(strict=True, max_length=128)] | None = None
+
+
+class BudgetCheckIn(Strict):
+    """A request about to be made: its attribution, model and size (tokens or the messages)."""
+
+    provider: Annotated[str, Field(strict=True, max_length=64)] = ""
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+    team_id: Dim = ""
+    project_id: Dim = ""
+    user_id: Dim = ""
+    agent: Dim = ""
+    feature: Dim = ""
+    input_tokens: TokenCount | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=10_000)] | None = None
+    prompt: Annotated[str, Field(strict=True, max_length=5_000_000)] | None = None
+    max_output_tokens: TokenCount
+    reserve: Annotated[bool, Field(strict=True)] = False
+    reservation_ttl_seconds: Annotated[int, Field(strict=True, ge=1, le=86_400)] = 300
+
+
+class ReservationCancelIn(Strict):
+    reservation_id: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+
+
+__all__ = ["MAX_TOKENS", "BudgetCheckIn", "BudgetIn", "BudgetPatchIn", "ReservationCancelIn"]

@@ -1,0 +1,332 @@
+"""Reads of the budgets app: the permission gate, effective limits, live status, matching rules."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
+
+from budgets import counters
+from budgets.models import (
+    SCOPE_COLUMNS,
+    Budget,
+    BudgetOverride,
+    Window,
+)
+from tokenmgr_project import redis as tm_redis
+from usage.auth import Principal
+from usage.errors import ApiError
+from usage.pricing import money
+
+# Attribution dimensions a budget can be keyed on (usage columns).
+DIMENSIONS = ("team_id", "project_id", "user_id", "agent", "feature")
+
+
+# --- the permission gate -------------------------------------------------------------------------
+
+
+def budgets_for_principal(principal: Principal) -> QuerySet[Budget]:
+    """The budgets a caller may see and manage: a scoped key only those inside its scope."""
+    qs = Budget.objects.prefetch_related("thresholds")
+    if principal.team_id:
+        qs = qs.filter(team_id=principal.team_id)
+    if principal.project_id:
+        qs = qs.filter(project_id=principal.project_id)
+    return qs
+
+
+def budget_for_principal(principal: Principal, budget_id: Any) -> Budget:
+    try:
+        return budgets_for_principal(principal).get(pk=int(budget_id))
+    except (Budget.DoesNotExist, TypeError, ValueError):
+        raise ApiError(
+            "Budget not found.", fields={"budget_id": ["No such budget."]}, status_code=404
+        ) from None
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    cost: Decimal | None
+    tokens: int | None
+    unlimited_until: datetime | None = None
+
+
+def _effective(budget: Budget, overrides: list[BudgetOverride], now: datetime) -> Limits:
+    cost, tokens = budget.cost_limit, budget.token_limit
+    unlimited_until = None
+    for o in overrides:
+        if o.status != BudgetOverride.Status.APPROVED or o.expires_at <= now:
+            continue
+        if o.unlimited:
+            unlimited_until = max(unlimited_until or o.expires_at, o.expires_at)
+            continue
+        if o.extra_cost and cost is not None:
+            cost += o.extra_cost
+        if o.extra_tokens and tokens is not None:
+            tokens += o.extra_tokens
+    if unlimited_until is not None:
+        return Limits(None, None, unlimited_until)
+    return Limits(cost, tokens)
+
+
+def effective_limits(budget: Budget, *, now: datetime | None = None) -> Limits:
+    """The limit plus approved, unexpired overrides (None: no limit of that kind)."""
+    now = now or timezone.now()
+    overrides = list(
+        budget.overrides.filter(status=BudgetOverride.Status.APPROVED, expires_at__gt=now)
+    )
+    return _effective(budget, overrides, now)
+
+
+# --- applicable budgets (the hot path: cached per process) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    budget: Budget
+    filters: tuple[tuple[str, str], ...]
+    limits: Limits
+    hard: bool
+    thresholds: tuple[Decimal, ...]
+
+
+@dataclass(slots=True)
+class _Rules:
+    loaded_at: float = 0.0
+    everything: list[Rule] = field(default_factory=list)
+    # (dimension, value) of the scope → the rules keyed on it; global rules under ("", "").
+    by_scope: dict[tuple[str, str], list[Rule]] = field(default_factory=dict)
+
+
+# Budgets and overrides change rarely; every process re-reads them at least this often, and at
+# once after a change made in this process (budget_limits_changed).
+RULES_TTL_SECONDS = 1.0
+_rules = _Rules()
+_rules_lock = threading.Lock()
+
+
+def invalidate_rules() -> None:
+    _rules.loaded_at = 0.0
+
+
+def _load_rules(now: datetime) -> _Rules:
+    approved = BudgetOverride.objects.filter(
+        status=BudgetOverride.Status.APPROVED, expires_at__gt=now
+    )
+    budgets = Budget.objects.filter(is_active=True).prefetch_related(
+        "thresholds", Prefetch("overrides", queryset=approved, to_attr="active_overrides")
+    )
+    fresh = _Rules(loaded_at=time.monotonic())
+    for budget in budgets:
+        rule = Rule(
+            budget=budget,
+            filters=tuple(sorted(budget.filters().items())),
+            limits=_effective(budget, budget.active_overrides, now),
+            hard=budget.enforcement == Budget.Enforcement.HARD,
+            thresholds=tuple(t.percent for t in budget.thresholds.all()),
+        )
+        fresh.everything.append(rule)
+        column = SCOPE_COLUMNS.get(budget.scope, "")
+        fresh.by_scope.setdefault((column, budget.scope_id), []).append(rule)
+    return fresh
+
+
+def active_rules() -> _Rules:
+    global _rules
+    if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
+        with _rules_lock:
+            if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
+                _rules = _load_rules(timezone.now())
+    return _rules
+
+
+def applicable_rules(attribution: Mapping[str, str]) -> list[Rule]:
+    """Every active budget whose scope matches this attribution (all levels), by budget id."""
+    rules = active_rules()
+    found = list(rules.by_scope.get(("", ""), ()))
+    for dim in DIMENSIONS:
+        value = attribution.get(dim) or ""
+        if value:
+            found.extend(rules.by_scope.get((dim, value), ()))
+    matching = [
+        r for r in found if all((attribution.get(col) or "") == value for col, value in r.filters)
+    ]
+    return sorted(matching, key=lambda r: r.budget.pk)
+
+
+def rule_for(budget_id: int) -> Rule | None:
+    for rule in active_rules().everything:
+        if rule.budget.pk == budget_id:
+            return rule
+    return None
+
+
+# --- spend and status ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    cost: Decimal
+    tokens: int
+    requests: int
+
+
+def ledger_spend(budget: Budget, window: Window) -> Spend:
+    """The usage ledger's total for this budget's attribution over the window (SQL)."""
+    return Spend(*counters.ledger_sums(budget, window))
+
+
+def current_totals(budget: Budget, window: Window, *, now: datetime) -> counters.Totals:
+    """Spent (including buffered usage) and held for one budget's window."""
+    if tm_redis.available():
+        try:
+            counters.redis_sweep(limit=100)
+            totals = counters.redis_totals(budget.pk, window)
+            if totals is None:
+                from budgets.services import counter_seed
+
+                counter_seed(budget, window)
+                totals = counters.redis_totals(budget.pk, window)
+            if totals is not None:
+                return totals
+        except tm_redis.REDIS_ERRORS:
+            tm_redis.trip()
+    return counters.db_totals([budget], [window], now=now)[0]
+
+
+def _percent(spent: Decimal, limit: Decimal | None) -> Decimal | None:
+    if limit is None or limit <= 0:
+        return None
+    return (spent * 100 / limit).quantize(Decimal("0.01"))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    budget_id: int
+    name: str
+    enforcement: str
+    period: str
+    period_start: datetime
+    period_end: datetime | None
+    cost_limit: Decimal | None
+    token_limit: int | None
+    effective_cost_limit: Decimal | None
+    effective_token_limit: int | None
+    unlimited_until: datetime | None
+    cost_spent: Decimal
+    cost_reserved: Decimal
+    cost_remaining: Decimal | None
+    cost_percent: Decimal | None
+    tokens_spent: int
+    tokens_reserved: int
+    tokens_remaining: int | None
+    tokens_percent: Decimal | None
+    projected_cost: Decimal | None
+    projected_tokens: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        def pct(value: Decimal | None) -> str | None:
+            return None if value is None else f"{value:.2f}"
+
+        return {
+            "budget_id": self.budget_id,
+            "name": self.name,
+            "enforcement": self.enforcement,
+            "period": self.period,
+            "period_start": iso(self.period_start),
+            "period_end": iso(self.period_end),
+            "currency": "USD",
+            "cost_limit": money(self.cost_limit) if self.cost_limit is not None else None,
+            "token_limit": self.token_limit,
+            "effective_cost_limit": (
+                money(self.effective_cost_limit) if self.effective_cost_limit is not None else None
+            ),
+            "effective_token_limit": self.effective_token_limit,
+            "unlimited_until": iso(self.unlimited_until),
+            "cost_spent": money(self.cost_spent),
+            "cost_reserved": money(self.cost_reserved),
+            "cost_remaining": (
+                money(self.cost_remaining) if self.cost_remaining is not None else None
+            ),
+            "cost_percent": pct(self.cost_percent),
+            "tokens_spent": self.tokens_spent,
+            "tokens_reserved": self.tokens_reserved,
+            "tokens_remaining": self.tokens_remaining,
+            "tokens_percent": pct(self.tokens_percent),
+            "projected_cost": money(self.projected_cost)
+            if self.projected_cost is not None
+            else None,
+            "projected_tokens": self.projected_tokens,
+        }
+
+
+def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatus:
+    """Live status for the period containing `now`. Percent is of the effective limit; remaining
+    subtracts spent and reserved; the projection extends the period's spend rate to its end."""
+    now = now or timezone.now()
+    window = budget.window_at(now)
+    limits = effective_limits(budget, now=now)
+    totals = current_totals(budget, window, now=now)
+    cost_spent, tokens_spent = totals.cost, totals.tokens
+    lifetime = budget.period == Budget.Period.LIFETIME
+    projected_cost: Decimal | None = None
+    projected_tokens: int | None = None
+    if not lifetime:
+        elapsed = (now - window.start).total_seconds()
+        length = (window.end - window.start).total_seconds()
+        if elapsed > 0:
+            factor = Decimal(length) / Decimal(elapsed)
+            projected_cost = (cost_spent * factor).quantize(Decimal("0.000001"))
+            projected_tokens = int(tokens_spent * length / elapsed)
+    return BudgetStatus(
+        budget_id=budget.pk,
+        name=budget.name,
+        enforcement=budget.enforcement,
+        period=budget.period,
+        period_start=window.start,
+        period_end=None if lifetime else window.end,
+        cost_limit=budget.cost_limit,
+        token_limit=budget.token_limit,
+        effective_cost_limit=limits.cost,
+        effective_token_limit=limits.tokens,
+        unlimited_until=limits.unlimited_until,
+        cost_spent=cost_spent,
+        cost_reserved=totals.held_cost,
+        cost_remaining=(
+            None if limits.cost is None else limits.cost - cost_spent - totals.held_cost
+        ),
+        cost_percent=_percent(cost_spent, limits.cost),
+        tokens_spent=tokens_spent,
+        tokens_reserved=totals.held_tokens,
+        tokens_remaining=(
+            None if limits.tokens is None else limits.tokens - tokens_spent - totals.held_tokens
+        ),
+        tokens_percent=_percent(
+            Decimal(tokens_spent), None if limits.tokens is None else Decimal(limits.tokens)
+        ),
+        projected_cost=projected_cost,
+        projected_tokens=projected_tokens,
+    )
+
+
+def budget_filter_q(principal: Principal) -> Q:
+    """Kept for callers that filter related rows (alerts, overrides) by visible budgets."""
+    q = Q()
+    if principal.team_id:
+        q &= Q(budget__team_id=principal.team_id)
+    if principal.project_id:
+        q &= Q(budget__project_id=principal.project_id)
+    return q

@@ -1,0 +1,70 @@
+"""Celery tasks of the budgets app: take ids, call one service, safe to run twice."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.db import OperationalError
+
+from budgets import alerts, overrides, services
+from tokenmgr_project.redis import REDIS_ERRORS
+
+# Transient: a dropped database connection, a deadlock victim, Redis failing over.
+TRANSIENT = (OperationalError, *REDIS_ERRORS)
+
+
+@shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=5)
+def budget_alerts_evaluate(budget_id: int) -> int:
+    """Fire the alerts one budget's spend calls for; returns how many were new."""
+    return len(alerts.alerts_evaluate(budget_id=budget_id))
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=3, expires=60
+)
+def budget_alerts_evaluate_all() -> int:
+    return alerts.alerts_evaluate_all()
+
+
+@shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=5)
+def alert_delivery_send(delivery_id: int) -> str | None:
+    """One attempt at one delivery (failures are rescheduled by the service, not by Celery)."""
+    delivery = alerts.alert_delivery_send(delivery_id=delivery_id)
+    return None if delivery is None else delivery.status
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=30, max_retries=3, expires=15
+)
+def alert_deliveries_send_due() -> int:
+    return alerts.alert_deliveries_send_due()
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=3, expires=60
+)
+def budget_periods_close() -> int:
+    return alerts.budget_periods_close()
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=30, max_retries=3, expires=10
+)
+def reservations_expire() -> int:
+    """Free holds past their TTL (checks also sweep as they go); returns how many."""
+    return services.reservations_expire()
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=3, expires=60
+)
+def counters_reconcile() -> int:
+    """Raise Redis budget counters that fell below the ledger plus buffer; returns how many."""
+    return services.counters_reconcile()
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=3, expires=60
+)
+def overrides_expire() -> int:
+    """Approved and pending overrides past their expiry become expired; returns how many."""
+    return overrides.overrides_expire()
