@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from budgets import selectors, services
+from budgets import enforcement, selectors, services
 from budgets.models import Budget
 from budgets.schemas import BudgetCheckIn, ReservationCancelIn
 from usage.actions import Outcome, action, validate
@@ -95,12 +95,12 @@ def get_budget_status(principal: Principal, data: Any) -> Outcome:
 )
 def check_budget(principal: Principal, data: Any) -> Outcome:
     params = validate(BudgetCheckIn, data)
-    result = services.budget_check(principal=principal, params=params)
+    result = enforcement.budget_check(principal=principal, params=params)
     return Outcome(result.as_dict())
 
 
 @action("cancel_reservation", "Free an open reservation's hold now.")
 def cancel_reservation(principal: Principal, data: Any) -> Outcome:
     params = validate(ReservationCancelIn, data)
-    before = services.reservation_cancel(reservation_id=params.reservation_id)
+    before = enforcement.reservation_cancel(reservation_id=params.reservation_id)
     return Outcome({"reservation_id": params.reservation_id, "status_before": before})

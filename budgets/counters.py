@@ -391,21 +391,46 @@ def snapshot(
 def db_totals(
     budgets: Sequence[Budget], windows: Sequence[Window], *, now: datetime
 ) -> list[Totals]:
-    """Spent and held per budget, each in one statement (a consistent snapshot on PostgreSQL)."""
-    out = []
-    for budget, window in zip(budgets, windows, strict=True):
-        spent = TokenUsage.objects.filter(ledger_filter(budget, window)).aggregate(
-            cost=Sum("cost"), tokens=Sum("total_tokens")
+    """Spent and held per budget, all in ONE statement: under READ COMMITTED each statement sees
+    its own snapshot, and a usage row settling a reservation between a ledger query and a holds
+    query would be missed by both (the unit neither spent nor held: an overspend)."""
+    if not budgets:
+        return []
+    parts: list[str] = []
+    params: list[Any] = []
+    for i, (budget, window) in enumerate(zip(budgets, windows, strict=True)):
+        spent_sql, spent_params = (
+            TokenUsage.objects.filter(ledger_filter(budget, window))
+            .order_by()
+            .values_list("cost", "total_tokens")
+            .query.sql_with_params()
         )
-        held = Reservation.objects.filter(
-            budgets=budget, status=Reservation.Status.OPEN, expires_at__gt=now
-        ).aggregate(cost=Sum("cost"), tokens=Sum("tokens"))
+        held_sql, held_params = (
+            Reservation.objects.filter(
+                budgets=budget, status=Reservation.Status.OPEN, expires_at__gt=now
+            )
+            .order_by()
+            .values_list("cost", "tokens")
+            .query.sql_with_params()
+        )
+        parts.append(
+            f"SELECT {i} AS i, s.c, s.t, h.c, h.t FROM "
+            f"(SELECT SUM(x.cost) AS c, SUM(x.total_tokens) AS t FROM ({spent_sql}) x) s "
+            f"CROSS JOIN (SELECT SUM(y.cost) AS c, SUM(y.tokens) AS t FROM ({held_sql}) y) h"
+        )
+        params.extend((*spent_params, *held_params))
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        found = {int(r[0]): r[1:] for r in cursor.fetchall()}
+    out = []
+    for i in range(len(budgets)):
+        cost, tokens, held_cost, held_tokens = found[i]
         out.append(
             Totals(
-                to_micros(spent["cost"] or Decimal(0)),
-                int(spent["tokens"] or 0),
-                to_micros(held["cost"] or Decimal(0), up=True),
-                int(held["tokens"] or 0),
+                to_micros(Decimal(str(cost or 0))),
+                int(tokens or 0),
+                to_micros(Decimal(str(held_cost or 0)), up=True),
+                int(held_tokens or 0),
             )
         )
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from django.db import OperationalError
 
-from budgets import alerts, overrides, services
+from budgets import alerts, deliveries, overrides, services
 from tokenmgr_project.redis import REDIS_ERRORS
 
 # Transient: a dropped database connection, a deadlock victim, Redis failing over.
@@ -28,7 +28,7 @@ def budget_alerts_evaluate_all() -> int:
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=5)
 def alert_delivery_send(delivery_id: int) -> str | None:
     """One attempt at one delivery (failures are rescheduled by the service, not by Celery)."""
-    delivery = alerts.alert_delivery_send(delivery_id=delivery_id)
+    delivery = deliveries.alert_delivery_send(delivery_id=delivery_id)
     return None if delivery is None else delivery.status
 
 
@@ -36,7 +36,7 @@ def alert_delivery_send(delivery_id: int) -> str | None:
     autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=30, max_retries=3, expires=15
 )
 def alert_deliveries_send_due() -> int:
-    return alerts.alert_deliveries_send_due()
+    return deliveries.alert_deliveries_send_due()
 
 
 @shared_task(

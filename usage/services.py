@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from budgets import counters
-from budgets import services as budget_services
+from budgets import enforcement as budget_enforcement
 from tokenmgr_project import redis as tm_redis
 from usage import buffer, pricing
 from usage import rows as rows_codec
@@ -212,7 +212,7 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
             elif flag == buffer.UNKNOWN_RESERVATION:
                 item.status = "rejected"
                 item.errors = {"reservation_id": [_UNKNOWN_RESERVATION]}
-        budget_services.usage_counted(budget_ids)
+        budget_enforcement.usage_counted(budget_ids)
     return results
 
 
@@ -222,7 +222,7 @@ _UNKNOWN_RESERVATION = "Unknown reservation: no check with reserve=true returned
 def _store(accepted: list[tuple[ItemResult, Row]]) -> tuple[list[int], set[int]]:
     """Store new rows; per row NEW, DUPLICATE or UNKNOWN_RESERVATION, and the budgets counted."""
     rows = [row for _item, row in accepted]
-    plan = budget_services.usage_plan(rows)
+    plan = budget_enforcement.usage_plan(rows)
     if tm_redis.available():
         try:
             return _store_buffered(rows, plan), plan.budget_ids
@@ -232,9 +232,9 @@ def _store(accepted: list[tuple[ItemResult, Row]]) -> tuple[list[int], set[int]]
     return _store_direct(rows, plan), plan.budget_ids
 
 
-def _store_direct(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]:
+def _store_direct(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list[int]:
     with transaction.atomic():
-        unknown = budget_services.reservations_unknown_db({r for r in plan.reservations if r})
+        unknown = budget_enforcement.reservations_unknown_db({r for r in plan.reservations if r})
         if tm_redis.configured():
             # Redis holds the reservations but is unreachable: record the usage (it happened)
             # and let the hold expire rather than refuse it.
@@ -243,7 +243,7 @@ def _store_direct(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]
             row for row, rsv in zip(rows, plan.reservations, strict=True) if rsv not in unknown
         ]
         inserted = usage_rows_insert(storable)
-        budget_services.reservations_settle_db(
+        budget_enforcement.reservations_settle_db(
             {
                 rsv: row[0]
                 for row, rsv in zip(rows, plan.reservations, strict=True)
@@ -258,7 +258,7 @@ def _store_direct(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]
     ]
 
 
-def _store_buffered(rows: list[Row], plan: budget_services.UsagePlan) -> list[int]:
+def _store_buffered(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list[int]:
     ids = [row[0] for row in rows]
     # Older than the Redis claim's TTL, a repeat is only known to the ledger.
     in_ledger = _ids_in_ledger(ids)

@@ -334,7 +334,7 @@ def test_it_retries_a_failed_webhook_with_backoff(platform: Persona, hook: _Hook
     assert delivery.next_attempt_at is not None
     assert alert_deliveries_send_due.apply().get() == 0  # not due for another 30 s
 
-    from budgets.alerts import alert_deliveries_send_due as send_due
+    from budgets.deliveries import alert_deliveries_send_due as send_due
 
     assert send_due(now=delivery.next_attempt_at + timedelta(seconds=1)) == 1
     delivery.refresh_from_db()
@@ -343,7 +343,7 @@ def test_it_retries_a_failed_webhook_with_backoff(platform: Persona, hook: _Hook
 
 
 def test_it_gives_up_on_a_webhook_after_eight_attempts(platform: Persona, hook: _Hook) -> None:
-    from budgets.alerts import alert_deliveries_send_due as send_due
+    from budgets.deliveries import alert_deliveries_send_due as send_due
 
     hook.statuses = [503] * 20
     _webhook_alert(platform, hook)

@@ -1,0 +1,391 @@
+"""Enforcement of budgets: check/reserve before a request, cancel a reservation, and settle usage
+against the budget counters and reservations during ingestion (called by usage.services)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from budgets import counters, selectors
+from budgets.models import Budget, Reservation, Window
+from budgets.schemas import BudgetCheckIn
+from budgets.services import counter_seed
+from tokenmgr_project import redis as tm_redis
+from usage import pricing, tokenizer
+from usage.auth import Principal
+from usage.errors import ApiError, FieldErrors
+from usage.rows import ROW_COLUMNS, Row
+
+logger = logging.getLogger(__name__)
+
+
+# --- check / reserve -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CheckResult:
+    allowed: bool
+    cost: Decimal
+    tokens: int
+    input_tokens: int
+    estimated: bool
+    blocking: dict[str, Any] | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+    reservation_id: str | None = None
+    expires_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "allowed": self.allowed,
+            "estimated_cost": pricing.money(self.cost),
+            "estimated_tokens": self.tokens,
+            "input_tokens": self.input_tokens,
+            "input_tokens_estimated": self.estimated,
+            "currency": pricing.CURRENCY,
+            "blocking_budget": self.blocking,
+            "warnings": self.warnings,
+            "budgets": self.budgets,
+        }
+        if self.reservation_id:
+            body["reservation_id"] = self.reservation_id
+            body["reservation_expires_at"] = (
+                self.expires_at.isoformat() if self.expires_at else None
+            )
+        return body
+
+
+def _input_tokens(params: BudgetCheckIn) -> tuple[int, bool]:
+    given = [x for x in (params.input_tokens, params.messages, params.prompt) if x is not None]
+    if len(given) != 1:
+        raise ApiError(
+            "Invalid input.",
+            fields={"input_tokens": ["Give exactly one of input_tokens, messages or prompt."]},
+        )
+    if params.input_tokens is not None:
+        return params.input_tokens, False
+    choice = tokenizer.encoding_for_model(params.model)
+    encoding = tokenizer.get_encoding(choice.name)
+    if params.prompt is not None:
+        return tokenizer.count_text(params.prompt, encoding), choice.estimated
+    messages = [m.model_dump(exclude_none=True) for m in params.messages or []]
+    return tokenizer.count_messages(messages, encoding), choice.estimated
+
+
+def _attribution(params: BudgetCheckIn, principal: Principal) -> dict[str, str]:
+    values = {dim: getattr(params, dim) for dim in selectors.DIMENSIONS}
+    errors: FieldErrors = {}
+    for dim in ("team_id", "project_id"):
+        own = getattr(principal, dim)
+        if own:
+            if values[dim] and values[dim] != own:
+                errors[dim] = [f"This API key may only check requests of {dim[:-3]} {own!r}."]
+            values[dim] = own
+    if errors:
+        raise ApiError("Invalid input.", fields=errors, status_code=403)
+    return values
+
+
+def _hold_for(rule: selectors.Rule, window: Window) -> counters.Hold:
+    cost = rule.limits.cost
+    return counters.Hold(
+        budget_id=rule.budget.pk,
+        window=window,
+        cost_limit_micros=None if cost is None else counters.to_micros(cost),
+        token_limit=rule.limits.tokens,
+        hard=rule.hard,
+    )
+
+
+def _budget_view(
+    rule: selectors.Rule,
+    hold: counters.Hold,
+    totals: counters.Totals,
+    cost_micros: int,
+    tokens: int,
+) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "budget_id": rule.budget.pk,
+        "name": rule.budget.name,
+        "scope": rule.budget.scope,
+        "scope_id": rule.budget.scope_id,
+        "enforcement": rule.budget.enforcement,
+        "period_end": None
+        if rule.budget.period == Budget.Period.LIFETIME
+        else hold.window.end.isoformat(),
+    }
+    if hold.cost_limit_micros is not None:
+        used = totals.cost_micros + totals.held_cost_micros
+        view["cost_limit"] = pricing.money(counters.from_micros(hold.cost_limit_micros))
+        view["cost_remaining"] = pricing.money(counters.from_micros(hold.cost_limit_micros - used))
+        view["cost_percent_after"] = _pct(used + cost_micros, hold.cost_limit_micros)
+    if hold.token_limit is not None:
+        used_t = totals.tokens + totals.held_tokens
+        view["token_limit"] = hold.token_limit
+        view["tokens_remaining"] = hold.token_limit - used_t
+        view["tokens_percent_after"] = _pct(used_t + tokens, hold.token_limit)
+    return view
+
+
+def _pct(value: int, limit: int) -> str:
+    return f"{Decimal(value) * 100 / Decimal(limit):.2f}" if limit > 0 else "0.00"
+
+
+def _warnings(rule: selectors.Rule, view: dict[str, Any]) -> list[dict[str, Any]]:
+    warnings = []
+    for metric, key in (("cost", "cost_percent_after"), ("tokens", "tokens_percent_after")):
+        if key not in view:
+            continue
+        after = Decimal(view[key])
+        crossed = [t for t in rule.thresholds if after >= t]
+        if after > 100 and not rule.hard:
+            warnings.append(
+                {
+                    "budget_id": rule.budget.pk,
+                    "kind": "soft_limit_exceeded",
+                    "metric": metric,
+                    "percent_after": view[key],
+                    "message": f"{rule.budget.name}: this request takes {metric} over the soft "
+                    f"limit ({view[key]} %).",
+                }
+            )
+        elif crossed:
+            warnings.append(
+                {
+                    "budget_id": rule.budget.pk,
+                    "kind": "threshold",
+                    "metric": metric,
+                    "threshold": f"{max(crossed):.2f}",
+                    "percent_after": view[key],
+                    "message": f"{rule.budget.name}: {metric} at {view[key]} % of its limit "
+                    f"after this request.",
+                }
+            )
+    return warnings
+
+
+def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
+    """Would this request fit every applicable budget? With `reserve`, an allowed check holds the
+    worst-case cost (all input at the full input rate, plus max_output_tokens) against every
+    applicable budget atomically; POST /usage with the reservation_id settles it."""
+    input_tokens, estimated = _input_tokens(params)
+    attribution = _attribution(params, principal)
+    now = timezone.now()
+    price = pricing.price_usage(
+        choice=pricing.price_choice(params.provider, params.model, now),
+        provider=params.provider,
+        model=params.model,
+        at=now,
+        input_tokens=input_tokens,
+        output_tokens=params.max_output_tokens,
+        cache_read_tokens=0,
+        cache_write_tokens=0,
+    )
+    cost: Decimal = price.cost
+    tokens = input_tokens + params.max_output_tokens
+    cost_micros = counters.to_micros(cost, up=True)
+    rules = selectors.applicable_rules(attribution)
+    holds = [_hold_for(rule, rule.budget.window_at(now)) for rule in rules]
+    outcome = _run_check(rules, holds, params, attribution, cost=cost, tokens=tokens)
+    result = CheckResult(
+        allowed=outcome.blocked is None,
+        cost=cost,
+        tokens=tokens,
+        input_tokens=input_tokens,
+        estimated=estimated or price.unpriced,
+        reservation_id=outcome.reservation_id,
+        expires_at=(
+            now + timedelta(seconds=params.reservation_ttl_seconds)
+            if outcome.reservation_id
+            else None
+        ),
+    )
+    for i, (rule, hold, totals) in enumerate(zip(rules, holds, outcome.totals, strict=True)):
+        view = _budget_view(rule, hold, totals, cost_micros, tokens)
+        result.budgets.append(view)
+        if i == outcome.blocked:
+            result.blocking = view
+        else:
+            result.warnings.extend(_warnings(rule, view))
+    if price.unpriced:
+        result.warnings.append(
+            {
+                "kind": "unpriced_model",
+                "message": f"No price is known for {params.model!r}: cost limits see it as 0.",
+            }
+        )
+    return result
+
+
+def _run_check(
+    rules: list[selectors.Rule],
+    holds: list[counters.Hold],
+    params: BudgetCheckIn,
+    attribution: dict[str, str],
+    *,
+    cost: Decimal,
+    tokens: int,
+) -> counters.CheckOutcome:
+    if not rules:
+        reservation_id = None
+        if params.reserve:  # nothing to hold, but the caller may still settle it
+            reservation_id = _empty_reservation(params, attribution, cost=cost, tokens=tokens)
+        return counters.CheckOutcome(None, [], reservation_id)
+    if tm_redis.available():
+        try:
+            return counters.redis_check(
+                holds,
+                cost_micros=counters.to_micros(cost, up=True),
+                tokens=tokens,
+                reserve=params.reserve,
+                ttl_seconds=params.reservation_ttl_seconds,
+                seed=lambda hold: counter_seed(_budget_of(rules, hold), hold.window),
+            )
+        except tm_redis.REDIS_ERRORS:
+            logger.warning("Redis unreachable; checking budgets in the database")
+            tm_redis.trip()
+    return counters.db_check(
+        [r.budget for r in rules],
+        holds,
+        cost=cost,
+        tokens=tokens,
+        reserve=params.reserve,
+        ttl_seconds=params.reservation_ttl_seconds,
+        team_id=attribution["team_id"],
+        project_id=attribution["project_id"],
+    )
+
+
+def _budget_of(rules: list[selectors.Rule], hold: counters.Hold) -> Budget:
+    return next(r.budget for r in rules if r.budget.pk == hold.budget_id)
+
+
+def _empty_reservation(
+    params: BudgetCheckIn, attribution: dict[str, str], *, cost: Decimal, tokens: int
+) -> str:
+    outcome = (
+        counters.redis_check(
+            [],
+            cost_micros=counters.to_micros(cost, up=True),
+            tokens=tokens,
+            reserve=True,
+            ttl_seconds=params.reservation_ttl_seconds,
+            seed=lambda hold: None,
+        )
+        if tm_redis.available()
+        else counters.db_check(
+            [],
+            [],
+            cost=cost,
+            tokens=tokens,
+            reserve=True,
+            ttl_seconds=params.reservation_ttl_seconds,
+            team_id=attribution["team_id"],
+            project_id=attribution["project_id"],
+        )
+    )
+    assert outcome.reservation_id is not None
+    return outcome.reservation_id
+
+
+def reservation_cancel(*, reservation_id: str) -> str:
+    """Free an open reservation's hold now. Returns the status it had."""
+    if tm_redis.available():
+        status = counters.redis_cancel(reservation_id)
+        if status is not None:
+            return status
+    with transaction.atomic():
+        row = Reservation.objects.select_for_update().filter(reservation_id=reservation_id).first()
+        if row is None:
+            raise ApiError(
+                "Unknown reservation.",
+                fields={"reservation_id": ["No such reservation."]},
+                status_code=404,
+            )
+        before = row.status
+        if row.status == Reservation.Status.OPEN:
+            row.status = Reservation.Status.CANCELLED
+            row.closed_at = timezone.now()
+            row.save(update_fields=["status", "closed_at"])
+    return before
+
+
+# --- usage settlement (called by usage.services during ingestion) --------------------------------
+
+_COL = {name: ROW_COLUMNS.index(name) for name in ROW_COLUMNS}
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePlan:
+    """Per row: the counter keys to increment, its cost (micro-USD), tokens and reservation id."""
+
+    keys: list[list[str]]
+    cost_micros: list[int]
+    tokens: list[int]
+    reservations: list[str]
+    budget_ids: set[int]
+
+    @property
+    def empty(self) -> bool:
+        return not self.budget_ids and not any(self.reservations)
+
+
+def usage_plan(rows: Sequence[Row]) -> UsagePlan:
+    keys: list[list[str]] = []
+    budget_ids: set[int] = set()
+    has_rules = bool(selectors.active_rules().everything)
+    for row in rows:
+        row_keys = []
+        if has_rules:
+            attribution = {dim: row[_COL[dim]] for dim in selectors.DIMENSIONS}
+            for rule in selectors.applicable_rules(attribution):
+                window = rule.budget.window_at(row[_COL["occurred_at"]])
+                row_keys.append(counters.counter_key(rule.budget.pk, window))
+                budget_ids.add(rule.budget.pk)
+        keys.append(row_keys)
+    return UsagePlan(
+        keys=keys,
+        cost_micros=[counters.to_micros(row[_COL["cost"]]) for row in rows],
+        tokens=[row[_COL["input_tokens"]] + row[_COL["output_tokens"]] for row in rows],
+        reservations=[row[_COL["reservation_id"]] or "" for row in rows],
+        budget_ids=budget_ids,
+    )
+
+
+def reservations_unknown_db(reservation_ids: set[str]) -> set[str]:
+    """Of these ids, those no reservation was ever made with (database mode)."""
+    if not reservation_ids:
+        return set()
+    known = set(
+        Reservation.objects.filter(reservation_id__in=reservation_ids).values_list(
+            "reservation_id", flat=True
+        )
+    )
+    return reservation_ids - known
+
+
+def reservations_settle_db(settled: dict[str, str]) -> None:
+    """reservation_id → request_id of the usage that settled it; only open ones change."""
+    now = timezone.now()
+    for reservation_id, request_id in settled.items():
+        Reservation.objects.filter(
+            reservation_id=reservation_id, status=Reservation.Status.OPEN
+        ).update(status=Reservation.Status.SETTLED, settled_request_id=request_id, closed_at=now)
+
+
+def usage_counted(budget_ids: set[int]) -> None:
+    """Usage landed on these budgets: evaluate their alerts soon (throttled)."""
+    if not budget_ids:
+        return
+    try:
+        from budgets import alerts
+    except ImportError:  # pragma: no cover
+        return
+    alerts.alerts_evaluate_soon(budget_ids)
