@@ -18,7 +18,7 @@ the applicable budget rows are locked (PostgreSQL) or the database write lock is
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -318,21 +318,8 @@ def ledger_filter(budget: Budget, window: Window) -> Q:
     return Q(occurred_at__gte=window.start, occurred_at__lt=window.end, **budget.filters())
 
 
-_COL = {
-    name: rows_codec.ROW_COLUMNS.index(name)
-    for name in (
-        "occurred_at",
-        "cost",
-        "input_tokens",
-        "output_tokens",
-        "request_id",
-        "team_id",
-        "project_id",
-        "user_id",
-        "agent",
-        "feature",
-    )
-}
+ROW_INDEX = {name: i for i, name in enumerate(rows_codec.ROW_COLUMNS)}
+_COL = ROW_INDEX
 
 
 def row_matches(budget: Budget, window: Window, row: rows_codec.Row) -> bool:
@@ -368,21 +355,28 @@ def snapshot(
     """
     cost, tokens, requests = ledger if ledger is not None else ledger_sums(budget, window)
     if tm_redis.configured():
-        if buffered is None:
-            buffered = buffered_rows()
-        pending = [r for r in buffered if row_matches(budget, window, r)]
-        if pending:
-            ids = [r[_COL["request_id"]] for r in pending]
-            committed = set(
-                TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
-            )
-            for r in pending:
-                if r[_COL["request_id"]] not in committed:
-                    c, t = row_spend(r)
-                    cost += c
-                    tokens += t
-                    requests += 1
+        for r in unflushed(lambda r: row_matches(budget, window, r), buffered):
+            c, t = row_spend(r)
+            cost += c
+            tokens += t
+            requests += 1
     return to_micros(cost), tokens, requests
+
+
+def unflushed(
+    match: Callable[[rows_codec.Row], bool], buffered: list[rows_codec.Row] | None = None
+) -> list[rows_codec.Row]:
+    """Buffered rows that `match` and are not yet in the ledger (read the ledger before this)."""
+    if buffered is None:
+        buffered = buffered_rows()
+    pending = [r for r in buffered if match(r)]
+    if not pending:
+        return []
+    ids = [r[_COL["request_id"]] for r in pending]
+    committed = set(
+        TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+    )
+    return [r for r in pending if r[_COL["request_id"]] not in committed]
 
 
 # --- database mode -------------------------------------------------------------------------------

@@ -171,6 +171,22 @@ def _warnings(rule: selectors.Rule, view: dict[str, Any]) -> list[dict[str, Any]
     return warnings
 
 
+def _expect_budget(principal: Principal, budget_id: int, rules: list[selectors.Rule]) -> None:
+    """The caller names the budget it means to reserve on: refuse if that one would not hold."""
+    budget = selectors.budget_for_principal(principal, budget_id)
+    if not budget.is_active:
+        raise ApiError(
+            "Budget is inactive.",
+            fields={"budget_id": ["This budget is inactive: nothing can be reserved on it."]},
+            status_code=409,
+        )
+    if all(rule.budget.pk != budget.pk for rule in rules):
+        raise ApiError(
+            "Budget does not apply.",
+            fields={"budget_id": ["This budget does not cover the request's attribution."]},
+        )
+
+
 def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
     """Would this request fit every applicable budget? With `reserve`, an allowed check holds the
     worst-case cost (all input at the full input rate, plus max_output_tokens) against every
@@ -192,6 +208,8 @@ def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
     tokens = input_tokens + params.max_output_tokens
     cost_micros = counters.to_micros(cost, up=True)
     rules = selectors.applicable_rules(attribution)
+    if params.budget_id is not None:
+        _expect_budget(principal, params.budget_id, rules)
     holds = [_hold_for(rule, rule.budget.window_at(now)) for rule in rules]
     outcome = _run_check(rules, holds, params, attribution, cost=cost, tokens=tokens)
     result = CheckResult(

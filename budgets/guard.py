@@ -5,16 +5,16 @@ receive, in that order (system message, messages, then `prompt` as the last user
 the model's tiktoken encoding and OpenAI's chat framing (`usage.tokenizer`). Non-OpenAI models
 are counted with o200k and flagged `estimated`.
 
-Budget. The budget is per run: `used` is the ledger's total tokens (input + output) of the
-caller's visible usage with `workflow_id == run_id` and `agent == agent`; no run_id means a fresh
-run (used 0). Usage still in the Redis buffer reaches the ledger within the flush interval and is
-not counted before. A prompt is rejected (`over_budget`) when `used + prompt_tokens +
-max_output_tokens` exceeds the budget, because the reply spends the same budget; it is rejected
-(`over_context_window`) when `prompt_tokens + max_output_tokens` exceeds the model's window,
-which holds the reply too. The budget context (`used`, `remaining`, `percent`,
-`approaching_limit`, `text`, `max_tokens_tier`) describes the run *before* this call, as the
-SPEC words it; `used_after`/`remaining_after`/`percent_after` add this call's prompt and
-max_output_tokens. Rejected or not, the answer is 200: `allowed` and `reason` are what an agent
+Budget. The budget is per run: `used` is the ledger's total tokens (input + output) of the caller's
+visible usage with `workflow_id == run_id` and `agent == agent`; no run_id means a fresh run (used
+0). Usage still in the Redis buffer (not flushed yet) is counted too. A prompt is rejected
+(`over_budget`) when `used + prompt_tokens + max_output_tokens` exceeds the budget, because the
+reply spends the same budget; it is rejected (`over_context_window`) when `prompt_tokens +
+max_output_tokens` exceeds the model's window, which holds the reply too. The budget context
+(`used`, `remaining`, `percent`, `approaching_limit`, `text`, `max_tokens_tier`) describes the run
+*before* this call, as the SPEC words it; `used_after`/`remaining_after`/`percent_after` add this
+call's prompt and max_output_tokens.
+Rejected or not, the answer is 200: `allowed` and `reason` are what an agent
 branches on; only malformed input is a 400.
 """
 
@@ -31,7 +31,9 @@ from pydantic import Field
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from budgets import counters
 from budgets.models import AgentProfile
+from tokenmgr_project import redis as tm_redis
 from usage import pricing, selectors, tokenizer
 from usage.actions import Outcome, action, validate
 from usage.apis import ActionView
@@ -166,7 +168,8 @@ def count_prompt(data: GuardIn, encoding_name: str) -> int:
 
 
 def run_tokens_used(*, principal: Principal, agent: str, run_id: str) -> int:
-    """Total tokens of the run so far, from the ledger; a scoped key sums only its own usage."""
+    """Total tokens of the run so far: the ledger plus usage still in the Redis buffer (an agent
+    calls in quick succession); a scoped key sums only its own usage."""
     if not run_id:
         return 0
     totals = (
@@ -174,7 +177,23 @@ def run_tokens_used(*, principal: Principal, agent: str, run_id: str) -> int:
         .filter(workflow_id=run_id, agent=agent)
         .aggregate(tokens=Sum("total_tokens"))
     )
-    return int(totals["tokens"] or 0)
+    used = int(totals["tokens"] or 0)
+    if tm_redis.available():
+        wanted = {"workflow_id": run_id, "agent": agent}
+        if principal.team_id:
+            wanted["team_id"] = principal.team_id
+        if principal.project_id:
+            wanted["project_id"] = principal.project_id
+        col = counters.ROW_INDEX
+        try:
+            pending = counters.unflushed(
+                lambda row: all(row[col[k]] == v for k, v in wanted.items())
+            )
+        except tm_redis.REDIS_ERRORS:
+            tm_redis.trip()
+            pending = []
+        used += sum(counters.row_spend(row)[1] for row in pending)
+    return used
 
 
 def max_tokens_tier(*, budget: int, remaining: int) -> Tier:

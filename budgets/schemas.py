@@ -93,6 +93,9 @@ class BudgetCheckIn(Strict):
     prompt: Annotated[str, Field(strict=True, max_length=5_000_000)] | None = None
     max_output_tokens: TokenCount
     reserve: Annotated[bool, Field(strict=True)] = False
+    # Optional: the budget the caller expects to hold against (refused if inactive or not
+    # applicable). Every applicable budget is checked either way.
+    budget_id: Annotated[int, Field(strict=True, gt=0)] | None = None
     reservation_ttl_seconds: Annotated[int, Field(strict=True, ge=1, le=86_400)] = 300
 
 

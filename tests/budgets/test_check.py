@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from budgets.models import Budget
+from budgets.models import Budget, Reservation
 from budgets.services import budget_create, reservations_expire
 from tests.conftest import Persona, event, settle
 
@@ -163,6 +163,28 @@ def test_a_cancelled_reservation_frees_its_hold(member: Persona) -> None:
 
     assert cancelled.json()["status_before"] == "open"
     assert _check(member, reserve=True).json()["allowed"] is True
+
+
+def test_reserving_on_a_named_inactive_budget_is_refused(
+    member: Persona, platform: Persona
+) -> None:
+    budget = _budget()
+    platform.client.delete(f"/api/v1/budgets/{budget.pk}")
+
+    response = _check(member, reserve=True, budget_id=budget.pk)
+
+    assert response.status_code == 409
+    assert "budget_id" in response.json()["error"]["fields"]
+    assert Reservation.objects.count() == 0
+
+
+def test_naming_a_budget_that_does_not_cover_the_request_is_refused(member: Persona) -> None:
+    bobs = _budget(name="bob", scope="user", scope_id="bob", project_id="ranker")
+
+    response = _check(member, reserve=True, budget_id=bobs.pk, user_id="ana")
+
+    assert response.status_code == 400
+    assert "budget_id" in response.json()["error"]["fields"]
 
 
 def test_reserving_on_an_inactive_budget_does_not_hold_against_it(

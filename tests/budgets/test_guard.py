@@ -165,6 +165,19 @@ def test_it_sums_the_runs_usage_so_far_from_the_ledger(
     assert context["text"].startswith("Token budget: 16,500 of 20,000 used (82.5 %); 3,500 left")
 
 
+@pytest.mark.services
+def test_usage_still_in_the_buffer_counts_for_the_run(
+    platform: Persona, researcher: AgentProfile
+) -> None:
+    _spend(platform, "flushed", 4_000)
+    settle()
+    _spend(platform, "buffered", 6_000)  # not flushed: still in the Redis stream
+
+    context = _guard(platform, run_id="run-1", prompt="hi")["budget_context"]
+
+    assert context["used"] == 10_000
+
+
 def test_it_rejects_once_the_run_has_spent_its_budget(
     platform: Persona, researcher: AgentProfile
 ) -> None:
