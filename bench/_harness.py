@@ -215,9 +215,13 @@ class Stack:
         uvicorn's WSGI adapter instead (a what-if comparison, not the deployed setup)."""
         port = free_port()
         if interface == "asgi":
-            app, iface = "tokenmgr_project.asgi:application", "asgi3"
-        else:
-            app, iface = "tokenmgr_project.wsgi:application", "wsgi"
+            # As `manage.py up` runs it: one tokenmgr_project.serve process per worker, each on
+            # its own SO_REUSEPORT socket, all in one process group (one name for CPU accounting).
+            one = f"{PY} -m tokenmgr_project.serve 127.0.0.1 {port} warning"
+            self.start(f"uvicorn-w{workers}", ["sh", "-c", f"{' & '.join([one] * workers)} & wait"])
+            self.wait_http(port)
+            return port
+        app, iface = "tokenmgr_project.wsgi:application", "wsgi"
         self.start(
             f"uvicorn-w{workers}",
             [
@@ -367,6 +371,51 @@ def _read_stat(pid: str) -> tuple[str, int, int] | None:
     return comm, int(fields[2]), sum(int(x) for x in fields[11:15])
 
 
+# "postgres: 15/main: USER DB HOST(PORT) STATE"; background processes have no user/db/host
+_PG_BACKEND = re.compile(r"^postgres: [^:]+: (\S+) (\S+) (?:[\w.:-]+\(\d+\)|\[local\]) ")
+OTHER_PG = "postgres (other dbs)"
+
+
+def _pg_group(pid: str, bench_db: str) -> str:
+    """PostgreSQL server processes and sessions on the bench db are "postgresql"; sessions on
+    other databases (another project's test run on the same server, creating and dropping its
+    databases through `postgres`) are OTHER_PG, so they are not charged to the run. Backends
+    that already exited are charged to the postmaster, whoever they served."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "postgresql"
+    m = _PG_BACKEND.match(cmd)
+    if m and m.group(2) != bench_db:
+        return OTHER_PG
+    return "postgresql"
+
+
+def wait_quiet(max_wait: float, busy_below: float = 0.15, settle: int = 2) -> float:
+    """Wait (at most max_wait seconds) until the machine is idle -- busy below `busy_below` for
+    `settle` consecutive seconds -- so a timed phase does not start in the middle of someone
+    else's burst. Returns the last second's busy fraction."""
+
+    def busy_total() -> tuple[int, int]:
+        vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return sum(vals) - vals[3] - vals[4], sum(vals)
+
+    deadline, quiet, busy = time.monotonic() + max_wait, 0, 1.0
+    b0, t0 = busy_total()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        b1, t1 = busy_total()
+        busy = (b1 - b0) / max(1, t1 - t0)
+        b0, t0 = b1, t1
+        quiet = quiet + 1 if busy < busy_below else 0
+        if quiet >= settle:
+            return busy
+    if max_wait > 0:
+        log(f"machine still {busy:.0%} busy after waiting {max_wait:.0f} s; measuring anyway")
+    return busy
+
+
 def cpu_snapshot(stack: Stack) -> dict[str, float]:
     """CPU seconds used so far by the processes this run started (per process group), by the
     PostgreSQL and Redis servers and by this script; plus the machine's busy and total time."""
@@ -383,7 +432,7 @@ def cpu_snapshot(stack: Stack) -> dict[str, float]:
         elif int(pid) == me:
             name = "bench client"
         elif comm == "postgres":
-            name = "postgresql"
+            name = _pg_group(pid, stack.db_name)
         elif comm.startswith("redis-server"):
             name = "redis"
         else:
@@ -401,7 +450,7 @@ def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -
         f"CPU during the timed phase ({wall:.1f} s wall x {ncpu} cores "
         f"= {wall * ncpu:.1f} CPU-s available):"
     ]
-    names = [k for k in after if not k.startswith("_")]
+    names = [k for k in after if not k.startswith("_") and k != OTHER_PG]
     used = {k: after[k] - before.get(k, 0.0) for k in names}
     for name in sorted(names, key=lambda k: -used[k]):
         if used[name] >= 0.05:
@@ -411,7 +460,9 @@ def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -
     busy = after["_busy"] - before["_busy"]
     total = after["_total"] - before["_total"]
     other = max(0.0, busy - sum(used.values()))
-    lines.append(f"  other processes  {other:7.1f} CPU-s  (not started by this benchmark)")
+    other_pg = after.get(OTHER_PG, 0.0) - before.get(OTHER_PG, 0.0)
+    note = f"; {other_pg:.1f} of it PostgreSQL on other dbs" if other_pg >= 0.05 else ""
+    lines.append(f"  other processes  {other:7.1f} CPU-s  (not started by this benchmark{note})")
     lines.append(f"  machine busy     {busy / total if total else 0:7.0%}")
     return "\n".join(lines)
 
@@ -489,7 +540,11 @@ def pyspy_summary(path: str, top: int = 18) -> str:
         self_[frames[-1]] += int(n)
     if not total:
         return f"{path}: no samples"
-    app = [(f, c) for f, c in incl.most_common() if "(usage/" in f or "(tokenmgr_project/" in f]
+    app = [
+        (f, c)
+        for f, c in incl.most_common()
+        if any(f"({pkg}/" in f for pkg in ("usage", "budgets", "tokenmgr_project"))
+    ]
     lines = [f"{Path(path).name}: {total} samples holding the GIL (100 Hz)", "  app frames:"]
     lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in app[:top]]
     lines.append("  hottest functions (self):")

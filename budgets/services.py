@@ -6,6 +6,7 @@ Checking, reserving and settling against budgets is in budgets.enforcement.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -246,8 +247,19 @@ def reservations_expire() -> int:
     """Free the holds of reservations past their TTL (checks also do this as they go)."""
     freed = counters.db_sweep()
     if tm_redis.available():
+        # Each sweep is one short Lua call (Redis serves others between them); stop after a few
+        # seconds so a huge backlog cannot hold the worker, the next run goes on.
+        deadline = time.monotonic() + _SWEEP_SECONDS
         try:
-            freed += counters.redis_sweep()
+            while True:
+                swept = counters.redis_sweep(limit=_SWEEP_BATCH)
+                freed += swept
+                if swept < _SWEEP_BATCH or time.monotonic() > deadline:
+                    break
         except tm_redis.REDIS_ERRORS:
             tm_redis.trip()
     return freed
+
+
+_SWEEP_BATCH = 1000
+_SWEEP_SECONDS = 5.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,24 +51,33 @@ class Command(BaseCommand):
         workers = options["workers"] or (2 if settings.REDIS_URL else 1)
         bindir = os.path.dirname(sys.executable)
         celery = [os.path.join(bindir, "celery"), "-A", "tokenmgr_project"]
+        # One server process per worker, each on its own SO_REUSEPORT socket (see serve.py).
         commands = {
-            "server": [
-                os.path.join(bindir, "uvicorn"),
-                "tokenmgr_project.asgi:application",
-                "--host", options["host"],
-                "--port", str(options["port"]),
-                "--workers", str(workers),
-                "--no-access-log",
-            ],
-            "worker": [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
-            "beat": [*celery, "beat", "--loglevel", "WARNING"],
-        }  # fmt: skip
+            f"server-{n}": [
+                sys.executable,
+                "-m",
+                "tokenmgr_project.serve",
+                options["host"],
+                str(options["port"]),
+            ]
+            for n in range(1, workers + 1)
+        }
+        commands.update(
+            {
+                "worker": [*celery, "worker", "--loglevel", "WARNING", "--concurrency", "2"],
+                "beat": [*celery, "beat", "--loglevel", "WARNING"],
+            }
+        )
         if settings.REDIS_URL:
             # Embedded, the broadcaster runs inside the server (the channel layer is in-process).
             commands["broadcaster"] = [sys.executable, "manage.py", "broadcast_status"]
         elif workers > 1:
             self.stderr.write("Without Redis, live status reaches only one server process: use 1.")
             sys.exit(2)
+        if not _port_free(options["host"], options["port"]):
+            # SO_REUSEPORT would let a second server share the port and split the traffic.
+            self.stderr.write(f"{options['host']}:{options['port']} is already in use.")
+            sys.exit(1)
         self._banner(options["host"], options["port"])
         children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
         stopping = False
@@ -122,3 +132,15 @@ class Command(BaseCommand):
             )
         lines.append("")
         self.stdout.write("\n".join(lines))
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: a previous run's TIME_WAIT connections do not count, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
