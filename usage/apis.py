@@ -73,21 +73,13 @@ class ActionView(APIView):
         return super().dispatch(request, *args, **kwargs)
 
     def _fast_post(self, request: HttpRequest) -> HttpResponseBase:
-        try:
-            principal = principal_for_bearer(request.META["HTTP_AUTHORIZATION"])
-            try:
-                data = json.loads(request.body, parse_constant=_reject_constant)
-            except ValueError as exc:  # the same words as DRF's JSONParser
-                raise exceptions.ParseError(f"JSON parse error - {exc}") from None
-            outcome = actions.run(self.actions_by_method["post"], principal, data)
-        except ApiError as exc:
-            return _json(exc.body(), exc.status_code)
-        except exceptions.APIException as exc:
-            response = _json(error_body(exc, exc.status_code), exc.status_code)
-            if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-                response["WWW-Authenticate"] = BEARER_CHALLENGE
-            return response
-        return _json(outcome.body, outcome.status)
+        code, body, headers = fast_action(
+            self.actions_by_method["post"], request.META["HTTP_AUTHORIZATION"], request.body
+        )
+        response = _json(body, code)
+        for name, value in headers.items():
+            response[name] = value
+        return response
 
     def _run(self, request: Request, method: str, data: Any) -> Response:
         outcome = actions.run(self.actions_by_method[method], principal_for(request), data)
@@ -98,6 +90,31 @@ class ActionView(APIView):
         if hasattr(data, "dict") and not isinstance(data, dict):
             raise ApiError("Invalid body.", fields={"body": ["Send a JSON body."]}, status_code=415)
         return data
+
+
+def fast_action(
+    name: str, authorization: str, raw_body: bytes
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Run action `name` for a Bearer-authenticated JSON POST: (status, body, extra headers).
+
+    Shared by `ActionView`'s fast path and the ASGI bridge's (tokenmgr_project.asgi), which
+    calls it without building a Django request at all.
+    """
+    try:
+        principal = principal_for_bearer(authorization)
+        try:
+            data = json.loads(raw_body, parse_constant=_reject_constant)
+        except ValueError as exc:  # the same words as DRF's JSONParser
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+        outcome = actions.run(name, principal, data)
+    except ApiError as exc:
+        return exc.status_code, exc.body(), {}
+    except exceptions.APIException as exc:
+        headers = {}
+        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+            headers["WWW-Authenticate"] = BEARER_CHALLENGE
+        return exc.status_code, error_body(exc, exc.status_code), headers
+    return outcome.status, outcome.body, {}
 
 
 def _json(body: dict[str, Any], status_code: int) -> JsonResponse:
