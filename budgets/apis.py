@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from budgets.schemas import BudgetCheckIn, BudgetIn, BudgetPatchIn, ReservationCancelIn
-from usage.apis import ActionView, _query
+from usage.apis import ActionView, _query, with_url_id
 
 
 class BudgetListApi(ActionView):
@@ -33,18 +33,13 @@ class BudgetDetailApi(ActionView):
         "delete": "delete_budget",
     }
 
-    def _with_id(self, data: Any, budget_id: int) -> Any:
-        if isinstance(data, dict):
-            return {**data, "budget_id": budget_id}
-        return data
-
     @extend_schema(responses={200: dict}, summary="One budget")
     def get(self, request: Request, budget_id: int) -> Response:
         return self._run(request, "get", {"budget_id": budget_id})
 
     @extend_schema(request=BudgetPatchIn, responses={200: dict}, summary="Change a budget")
     def patch(self, request: Request, budget_id: int) -> Response:
-        return self._run(request, "patch", self._with_id(self._body(request), budget_id))
+        return self._run(request, "patch", with_url_id(self._body(request), "budget_id", budget_id))
 
     @extend_schema(responses={200: dict}, summary="Deactivate a budget (history is kept)")
     def delete(self, request: Request, budget_id: int) -> Response:

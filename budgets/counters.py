@@ -318,18 +318,16 @@ def ledger_filter(budget: Budget, window: Window) -> Q:
     return Q(occurred_at__gte=window.start, occurred_at__lt=window.end, **budget.filters())
 
 
-ROW_INDEX = {name: i for i, name in enumerate(rows_codec.ROW_COLUMNS)}
-_COL = ROW_INDEX
-
-
 def row_matches(budget: Budget, window: Window, row: rows_codec.Row) -> bool:
-    if not (window.start <= row[_COL["occurred_at"]] < window.end):
+    if not (window.start <= row[rows_codec.ROW_INDEX["occurred_at"]] < window.end):
         return False
-    return all(row[_COL[col]] == value for col, value in budget.filters().items())
+    return all(row[rows_codec.ROW_INDEX[col]] == value for col, value in budget.filters().items())
 
 
 def row_spend(row: rows_codec.Row) -> tuple[Decimal, int]:
-    return row[_COL["cost"]], row[_COL["input_tokens"]] + row[_COL["output_tokens"]]
+    return row[rows_codec.ROW_INDEX["cost"]], row[rows_codec.ROW_INDEX["input_tokens"]] + row[
+        rows_codec.ROW_INDEX["output_tokens"]
+    ]
 
 
 def ledger_sums(budget: Budget, window: Window) -> tuple[Decimal, int, int]:
@@ -372,11 +370,11 @@ def unflushed(
     pending = [r for r in buffered if match(r)]
     if not pending:
         return []
-    ids = [r[_COL["request_id"]] for r in pending]
+    ids = [r[rows_codec.ROW_INDEX["request_id"]] for r in pending]
     committed = set(
         TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
     )
-    return [r for r in pending if r[_COL["request_id"]] not in committed]
+    return [r for r in pending if r[rows_codec.ROW_INDEX["request_id"]] not in committed]
 
 
 # --- database mode -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tokenmgr_project import redis as tm_redis
 from usage import pricing, tokenizer
 from usage.auth import Principal
 from usage.errors import ApiError, FieldErrors
-from usage.rows import ROW_COLUMNS, Row
+from usage.rows import ROW_INDEX, Row
 
 logger = logging.getLogger(__name__)
 
@@ -337,8 +337,6 @@ def reservation_cancel(*, reservation_id: str) -> str:
 
 # --- usage settlement (called by usage.services during ingestion) --------------------------------
 
-_COL = {name: ROW_COLUMNS.index(name) for name in ROW_COLUMNS}
-
 
 @dataclass(frozen=True, slots=True)
 class UsagePlan:
@@ -362,17 +360,17 @@ def usage_plan(rows: Sequence[Row]) -> UsagePlan:
     for row in rows:
         row_keys = []
         if has_rules:
-            attribution = {dim: row[_COL[dim]] for dim in selectors.DIMENSIONS}
+            attribution = {dim: row[ROW_INDEX[dim]] for dim in selectors.DIMENSIONS}
             for rule in selectors.applicable_rules(attribution):
-                window = rule.budget.window_at(row[_COL["occurred_at"]])
+                window = rule.budget.window_at(row[ROW_INDEX["occurred_at"]])
                 row_keys.append(counters.counter_key(rule.budget.pk, window))
                 budget_ids.add(rule.budget.pk)
         keys.append(row_keys)
     return UsagePlan(
         keys=keys,
-        cost_micros=[counters.to_micros(row[_COL["cost"]]) for row in rows],
-        tokens=[row[_COL["input_tokens"]] + row[_COL["output_tokens"]] for row in rows],
-        reservations=[row[_COL["reservation_id"]] or "" for row in rows],
+        cost_micros=[counters.to_micros(counters.row_spend(row)[0]) for row in rows],
+        tokens=[counters.row_spend(row)[1] for row in rows],
+        reservations=[row[ROW_INDEX["reservation_id"]] or "" for row in rows],
         budget_ids=budget_ids,
     )
 
@@ -400,10 +398,6 @@ def reservations_settle_db(settled: dict[str, str]) -> None:
 
 def usage_counted(budget_ids: set[int]) -> None:
     """Usage landed on these budgets: evaluate their alerts soon (throttled)."""
-    if not budget_ids:
-        return
-    try:
-        from budgets import alerts
-    except ImportError:  # pragma: no cover
-        return
+    from budgets import alerts  # here: alerts imports usage.services, which imports this module
+
     alerts.alerts_evaluate_soon(budget_ids)

@@ -39,6 +39,7 @@ from usage.actions import Outcome, action, validate
 from usage.apis import ActionView
 from usage.auth import Principal
 from usage.errors import ApiError
+from usage.rows import ROW_INDEX
 from usage.schemas import MAX_TOKENS, Strict
 
 Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
@@ -184,7 +185,7 @@ def run_tokens_used(*, principal: Principal, agent: str, run_id: str) -> int:
             wanted["team_id"] = principal.team_id
         if principal.project_id:
             wanted["project_id"] = principal.project_id
-        col = counters.ROW_INDEX
+        col = ROW_INDEX
         try:
             pending = counters.unflushed(
                 lambda row: all(row[col[k]] == v for k, v in wanted.items())

@@ -27,7 +27,7 @@ from budgets.selectors import budget_for_principal
 from budgets.services import budget_limits_changed
 from usage import pricing
 from usage.actions import Outcome, action, validate
-from usage.apis import ActionView, _query
+from usage.apis import ActionView, _query, with_url_id
 from usage.auth import Principal
 from usage.errors import ApiError, FieldErrors, validation_error
 from usage.models import ApiKey
@@ -340,15 +340,6 @@ def list_overrides(principal: Principal, data: Any) -> Outcome:
 # --- DRF views -----------------------------------------------------------------------------------
 
 
-def _with_url_id(data: Any, name: str, value: int) -> Any:
-    """The body with the id from the URL; a body naming another id is refused, not overruled."""
-    if not isinstance(data, dict):
-        return data  # validate() answers "Expected a JSON object."
-    if name in data and data[name] != value:
-        raise validation_error({name: [f"Comes from the URL ({value}); leave it out."]})
-    return {**data, name: value}
-
-
 class BudgetOverridesApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {
         "get": "list_overrides",
@@ -365,7 +356,7 @@ class BudgetOverridesApi(ActionView):
 
     @extend_schema(request=OverrideRequestIn, responses={201: dict}, summary="Request an override")
     def post(self, request: Request, budget_id: int) -> Response:
-        return self._run(request, "post", _with_url_id(self._body(request), "budget_id", budget_id))
+        return self._run(request, "post", with_url_id(self._body(request), "budget_id", budget_id))
 
 
 class OverrideApproveApi(ActionView):
@@ -373,7 +364,7 @@ class OverrideApproveApi(ActionView):
 
     @extend_schema(request=OverrideDecisionIn, responses={200: dict}, summary="Approve override")
     def post(self, request: Request, override_id: int) -> Response:
-        body = _with_url_id(self._body(request), "override_id", override_id)
+        body = with_url_id(self._body(request), "override_id", override_id)
         return self._run(request, "post", body)
 
 
@@ -382,5 +373,5 @@ class OverrideRejectApi(ActionView):
 
     @extend_schema(request=OverrideDecisionIn, responses={200: dict}, summary="Reject override")
     def post(self, request: Request, override_id: int) -> Response:
-        body = _with_url_id(self._body(request), "override_id", override_id)
+        body = with_url_id(self._body(request), "override_id", override_id)
         return self._run(request, "post", body)

@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
 from budgets import counters
@@ -164,13 +164,6 @@ def applicable_rules(attribution: Mapping[str, str]) -> list[Rule]:
     return sorted(matching, key=lambda r: r.budget.pk)
 
 
-def rule_for(budget_id: int) -> Rule | None:
-    for rule in active_rules().everything:
-        if rule.budget.pk == budget_id:
-            return rule
-    return None
-
-
 # --- spend and status ----------------------------------------------------------------------------
 
 
@@ -320,13 +313,3 @@ def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatu
         projected_cost=projected_cost,
         projected_tokens=projected_tokens,
     )
-
-
-def budget_filter_q(principal: Principal) -> Q:
-    """Kept for callers that filter related rows (alerts, overrides) by visible budgets."""
-    q = Q()
-    if principal.team_id:
-        q &= Q(budget__team_id=principal.team_id)
-    if principal.project_id:
-        q &= Q(budget__project_id=principal.project_id)
-    return q

@@ -200,11 +200,9 @@ def budget_deactivate(*, budget: Budget) -> Budget:
 def budget_limits_changed(budget_id: int) -> None:
     """A budget or its overrides changed: reload limits here now (others within a second) and
     re-evaluate its alerts (a raised limit may resolve them)."""
+    from budgets import alerts  # here: alerts imports usage.services, which imports this module
+
     selectors.invalidate_rules()
-    try:
-        from budgets import alerts
-    except ImportError:  # pragma: no cover - the alerts module is part of this app
-        return
     alerts.alerts_evaluate_soon([budget_id])
 
 

@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from usage import actions
 from usage.auth import BEARER_CHALLENGE, principal_for, principal_for_bearer
-from usage.errors import ApiError, body_too_large_error, error_body
+from usage.errors import ApiError, body_too_large_error, error_body, validation_error
 from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
@@ -115,6 +115,15 @@ def fast_action(
             headers["WWW-Authenticate"] = BEARER_CHALLENGE
         return exc.status_code, error_body(exc, exc.status_code), headers
     return outcome.status, outcome.body, {}
+
+
+def with_url_id(data: Any, name: str, value: int) -> Any:
+    """The body with the id from the URL; a body naming another id is refused, not overruled."""
+    if not isinstance(data, dict):
+        return data  # validate() answers "Expected a JSON object."
+    if name in data and data[name] != value:
+        raise validation_error({name: [f"Comes from the URL ({value}); leave it out."]})
+    return {**data, name: value}
 
 
 def _json(body: dict[str, Any], status_code: int) -> JsonResponse:

@@ -22,6 +22,8 @@ ROW_COLUMNS = (
     "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
 )  # fmt: skip
 Row = tuple[Any, ...]
+# Column name -> position in a row.
+ROW_INDEX = {name: i for i, name in enumerate(ROW_COLUMNS)}
 
 DATETIME_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("occurred_at", "received_at"))
 DECIMAL_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("cost", "input_cost", "output_cost"))

@@ -234,11 +234,13 @@ def _store(accepted: list[tuple[ItemResult, Row]]) -> tuple[list[int], set[int]]
 
 def _store_direct(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list[int]:
     with transaction.atomic():
-        unknown = budget_enforcement.reservations_unknown_db({r for r in plan.reservations if r})
-        if tm_redis.configured():
-            # Redis holds the reservations but is unreachable: record the usage (it happened)
-            # and let the hold expire rather than refuse it.
-            unknown = set()
+        # With Redis configured (but unreachable) Redis holds the reservations: record the usage
+        # (it happened) and let the hold expire rather than refuse it.
+        unknown = (
+            set()
+            if tm_redis.configured()
+            else budget_enforcement.reservations_unknown_db({r for r in plan.reservations if r})
+        )
         storable = [
             row for row, rsv in zip(rows, plan.reservations, strict=True) if rsv not in unknown
         ]
