@@ -164,9 +164,23 @@ SCOPE_COLUMNS = {
 }
 
 
+# The last window computed per (period, time zone): every check needs one per applicable budget,
+# and nearly all fall into the window of the check before.
+_last_windows: dict[tuple[str, zoneinfo.ZoneInfo], Window] = {}
+
+
 def period_window(period: str, tz: zoneinfo.ZoneInfo, at: datetime) -> Window:
     if period == Budget.Period.LIFETIME:
         return Window(LIFETIME_START, LIFETIME_END)
+    last = _last_windows.get((period, tz))
+    if last is not None and last.start <= at < last.end:
+        return last
+    window = _calendar_window(period, tz, at)
+    _last_windows[(period, tz)] = window
+    return window
+
+
+def _calendar_window(period: str, tz: zoneinfo.ZoneInfo, at: datetime) -> Window:
     local = at.astimezone(tz)
     day = local.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
     if period == Budget.Period.DAILY:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -190,3 +191,132 @@ def test_a_disallowed_host_is_refused_as_django_refuses_it(
 
     assert async_to_sync(post)() == 400
     assert rows(request_id="evil-1") == 0
+
+
+# --- budget checks on the event loop -------------------------------------------------------------
+
+
+def _check_body(**fields: Any) -> bytes:
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "provider": "openai", "input_tokens": 1000}
+    body.update({"max_output_tokens": 200, "reserve": True, **fields})
+    return json.dumps(body).encode()
+
+
+def _ranker_budget() -> Any:
+    from budgets.services import budget_create
+
+    return budget_create(
+        principal=None,
+        name="ranker",
+        scope="project",
+        scope_id="ranker",
+        team_id="search",
+        cost_limit=Decimal("100"),
+    )
+
+
+def _open_reservations() -> int:
+    from budgets import counters
+    from tokenmgr_project import redis as tm_redis
+
+    return int(tm_redis.client().zcard(counters.open_reservations_key()))
+
+
+def _check_inline(bridge: WsgiBridge, key: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    status, _headers, answer = async_to_sync(_raw)(
+        bridge, body, key=key, path="/api/v1/budgets/check"
+    )
+    return status, answer
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_budget_check_runs_on_the_event_loop_once_its_caches_are_warm(
+    bridge: WsgiBridge, member: Persona
+) -> None:
+    budget = _ranker_budget()
+
+    # Cold: the API key and the budget rules come from the database, which Django refuses on
+    # the loop; the check runs again in the pool and holds exactly once.
+    status, first = _check_inline(bridge, member.raw_key, _check_body())
+    assert (status, first["allowed"]) == (200, True), first
+    assert (bridge.inline_served, bridge.inline_deferred) == (0, 1)
+    assert _open_reservations() == 1
+
+    status, second = _check_inline(bridge, member.raw_key, _check_body())
+    assert (status, second["allowed"]) == (200, True), second
+    assert (bridge.inline_served, bridge.inline_deferred) == (1, 1)
+    assert _open_reservations() == 2
+    assert first["reservation_id"] != second["reservation_id"]
+    status_now = member.client.get(f"/api/v1/budgets/{budget.pk}/status").json()
+    assert status_now["tokens_reserved"] == 2 * 1200
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_check_answers_on_the_loop_exactly_as_through_django(
+    bridge: WsgiBridge, member: Persona
+) -> None:
+    _ranker_budget()
+    body = _check_body(reserve=False)
+    _check_inline(bridge, member.raw_key, body)  # warms the caches
+    status, inline = _check_inline(bridge, member.raw_key, body)
+    assert bridge.inline_served == 1
+    django = member.client.generic(
+        "POST", "/api/v1/budgets/check", body, content_type="application/json"
+    )
+    assert (status, inline) == (django.status_code, django.json())
+
+    status, refused = _check_inline(bridge, member.raw_key, _check_body(max_output_tokens=-1))
+    django = member.client.generic(
+        "POST",
+        "/api/v1/budgets/check",
+        _check_body(max_output_tokens=-1),
+        content_type="application/json",
+    )
+    assert bridge.inline_served == 2
+    assert (status, refused) == (django.status_code, django.json())
+    assert status == 400
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_counter_seeded_from_the_ledger_during_a_loop_check_is_held_once(
+    bridge: WsgiBridge, member: Persona
+) -> None:
+    from budgets import counters
+    from tokenmgr_project import redis as tm_redis
+
+    budget = _ranker_budget()
+    _check_inline(bridge, member.raw_key, _check_body(reserve=False))  # warms the caches
+    client = tm_redis.client()
+    client.delete(*client.keys(counters.counter_key(budget.pk, budget.window_at(_now())) + "*"))
+
+    status, answer = _check_inline(bridge, member.raw_key, _check_body())
+    assert (status, answer["allowed"]) == (200, True), answer
+    assert bridge.inline_deferred == 2  # the cold caches, then the seed
+    assert _open_reservations() == 1
+    status_now = member.client.get(f"/api/v1/budgets/{budget.pk}/status").json()
+    assert status_now["tokens_reserved"] == answer["estimated_tokens"] == 1200
+
+
+def _now() -> Any:
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+def test_only_small_budget_checks_with_a_steady_redis_run_on_the_loop(settings: Any) -> None:
+    from tokenmgr_project import redis as tm_redis
+
+    settings.REDIS_URL = "redis://127.0.0.1:6379/15"
+    small = _check_body()
+    assert WsgiBridge.inline_ok("check_budget", small)
+    assert not WsgiBridge.inline_ok("track_usage", small)  # looks up the ledger every time
+    messages = [{"role": "user", "content": "word " * 2000}]
+    assert not WsgiBridge.inline_ok("check_budget", _check_body(messages=messages))
+    tm_redis.trip()
+    assert not WsgiBridge.inline_ok("check_budget", small)  # a Redis that failed lately
+    tm_redis.reset()
+    settings.REDIS_URL = ""
+    assert not WsgiBridge.inline_ok("check_budget", small)  # checks in the database

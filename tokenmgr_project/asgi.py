@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import SynchronousOnlyOperation
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tokenmgr_project.settings")
 get_asgi_application()  # sets up Django before Channels and the routes import models
@@ -35,6 +36,7 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.http.request import split_domain_port, validate_host  # noqa: E402
 
 from reporting.routing import websocket_urlpatterns  # noqa: E402
+from tokenmgr_project import redis as tm_redis  # noqa: E402
 
 Message = dict[str, Any]
 
@@ -51,6 +53,16 @@ FAST_POST_ROUTES = {
     "/api/v1/usage/batch": "track_usage_batch",
     "/api/v1/budgets/check": "check_budget",
 }
+# Fast actions that run on the event loop itself, without the hop to the thread pool. On 2 cores
+# the hop (a futex wake-up and a GIL hand-off each way) cost a budget check ~0.12 ms of CPU and
+# most of its p99 at 1,500 checks/s (BENCHMARKS.md §3). Such an action must touch the database
+# only before its first side effect: on the loop Django refuses database access
+# (SynchronousOnlyOperation), and the request is then run again from the start in the pool. That
+# is the case whenever a cache is cold (API key, budget rules, price overrides) or a counter needs
+# seeding. Only with a steady Redis (the check's only other I/O), and only small bodies: a check
+# carrying messages to tokenize could hold the loop for milliseconds.
+INLINE_ACTIONS = {"check_budget"}
+INLINE_MAX_BODY = 4096
 # What SecurityMiddleware and XFrameOptionsMiddleware add to an API response with our settings.
 FAST_HEADERS = [
     (b"content-type", b"application/json"),
@@ -75,6 +87,8 @@ class WsgiBridge:
     def __init__(self, wsgi_app: Any, threads: int) -> None:
         self.wsgi_app = wsgi_app
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
+        self.inline_served = 0
+        self.inline_deferred = 0  # tried on the loop, needed the database: run in the pool
 
     @staticmethod
     def fast_route(scope: Message) -> tuple[str, str] | None:
@@ -97,6 +111,22 @@ class WsgiBridge:
             return None  # Django's path answers it (400 for a disallowed host)
         return action, authorization
 
+    @staticmethod
+    def inline_ok(action: str, body: bytes) -> bool:
+        return action in INLINE_ACTIONS and len(body) <= INLINE_MAX_BODY and tm_redis.steady()
+
+    def _call_inline(
+        self, action: str, authorization: str, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The fast action on the event loop; None when it needed the database."""
+        try:
+            answer = self._call_fast(action, authorization, body)
+        except SynchronousOnlyOperation:
+            self.inline_deferred += 1
+            return None
+        self.inline_served += 1
+        return answer
+
     def _call_fast(
         self, action: str, authorization: str, body: bytes
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -107,6 +137,8 @@ class WsgiBridge:
         signals.request_started.send(sender=self.__class__, environ=None)
         try:
             code, payload, extra = fast_action(action, authorization, body)
+        except SynchronousOnlyOperation:
+            raise  # on the event loop: _call_inline runs it again in the pool
         except Exception:
             logger.exception("Internal Server Error: %s", action)
             code, extra = 500, {}
@@ -158,9 +190,14 @@ class WsgiBridge:
         loop = asyncio.get_running_loop()
         fast = self.fast_route(scope)
         if fast is not None:
-            status, headers, body = await loop.run_in_executor(
-                self.executor, self._call_fast, fast[0], fast[1], request_body
-            )
+            answer = None
+            if self.inline_ok(fast[0], request_body):
+                answer = self._call_inline(fast[0], fast[1], request_body)
+            if answer is None:
+                answer = await loop.run_in_executor(
+                    self.executor, self._call_fast, fast[0], fast[1], request_body
+                )
+            status, headers, body = answer
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return

@@ -11,12 +11,15 @@ import redis
 from django.conf import settings
 
 BREAKER_SECONDS = 5.0
+# How long after a failure Redis counts as unsteady (see steady()).
+STEADY_SECONDS = 60.0
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 _lock = threading.Lock()
 _client: redis.Redis | None = None
 _client_url = ""
 _open_until = 0.0
+_tripped_at = float("-inf")
 
 
 def configured() -> bool:
@@ -48,14 +51,23 @@ def available() -> bool:
     return configured() and time.monotonic() >= _open_until
 
 
+def steady() -> bool:
+    """Configured and no failure for STEADY_SECONDS. Work done on the server's event loop asks
+    this: a Redis that hangs stalls the caller for the socket timeout, which the loop (every
+    connection of the process) should pay at most once per outage, not once per breaker reset."""
+    return configured() and time.monotonic() - _tripped_at >= STEADY_SECONDS
+
+
 def trip() -> None:
-    global _open_until
-    _open_until = time.monotonic() + BREAKER_SECONDS
+    global _open_until, _tripped_at
+    _tripped_at = time.monotonic()
+    _open_until = _tripped_at + BREAKER_SECONDS
 
 
 def reset() -> None:
-    global _open_until
+    global _open_until, _tripped_at
     _open_until = 0.0
+    _tripped_at = float("-inf")
 
 
 def script(source: str) -> Any:

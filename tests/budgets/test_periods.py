@@ -3,14 +3,15 @@ periods and announces the roll-over."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import zoneinfo
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from django.utils import timezone
 
 from budgets.alerts import alerts_evaluate, budget_periods_close
-from budgets.models import Budget, BudgetAlert, BudgetPeriod
+from budgets.models import Budget, BudgetAlert, BudgetPeriod, _calendar_window, period_window
 from budgets.selectors import budget_status
 from budgets.tasks import alert_deliveries_send_due
 from budgets.tasks import budget_periods_close as budget_periods_close_task
@@ -25,6 +26,7 @@ from tests.conftest import Persona
 
 pytestmark = pytest.mark.django_db
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 
 
 def test_a_new_period_starts_at_zero_without_any_job_having_run(platform: Persona) -> None:
@@ -97,3 +99,33 @@ def test_a_lifetime_budget_never_rolls_over(platform: Persona) -> None:
     assert budget_periods_close_task.apply().get() == 0
     assert budget_status(budget, now=timezone.now() + timedelta(days=90)).cost_spent == 60
     assert not BudgetPeriod.objects.exists()
+
+
+BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
+
+
+@pytest.mark.parametrize(
+    ("period", "at", "start", "end"),
+    [
+        # 2026-03-29: Berlin moves from +01:00 to +02:00, a 23-hour day.
+        ("daily", "2026-03-29T12:00+02:00", "2026-03-28T23:00Z", "2026-03-29T22:00Z"),
+        ("weekly", "2026-03-29T12:00+02:00", "2026-03-22T23:00Z", "2026-03-29T22:00Z"),
+        ("monthly", "2026-03-31T23:30+02:00", "2026-02-28T23:00Z", "2026-03-31T22:00Z"),
+        ("monthly", "2026-12-31T23:59+01:00", "2026-11-30T23:00Z", "2026-12-31T23:00Z"),
+        ("yearly", "2026-01-01T00:00+01:00", "2025-12-31T23:00Z", "2026-12-31T23:00Z"),
+    ],
+)
+def test_periods_are_calendar_aligned_in_the_budgets_time_zone(
+    period: str, at: str, start: str, end: str
+) -> None:
+    window = period_window(period, BERLIN, datetime.fromisoformat(at))
+    expected = (datetime.fromisoformat(start), datetime.fromisoformat(end))
+    assert (window.start, window.end) == expected
+
+
+def test_the_remembered_window_is_only_reused_for_instants_inside_it() -> None:
+    midnight = datetime.fromisoformat("2026-11-21T23:00Z")  # Berlin midnight
+    for at in (midnight - MINUTE, midnight, midnight - MINUTE, midnight + 24 * HOUR - MINUTE):
+        remembered = period_window("daily", BERLIN, at)
+        assert remembered == _calendar_window("daily", BERLIN, at)
+        assert remembered.start <= at < remembered.end
