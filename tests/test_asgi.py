@@ -320,3 +320,23 @@ def test_only_small_budget_checks_with_a_steady_redis_run_on_the_loop(settings: 
     tm_redis.reset()
     settings.REDIS_URL = ""
     assert not WsgiBridge.inline_ok("check_budget", small)  # checks in the database
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_an_unexpected_error_on_the_loop_is_a_logged_500_like_in_the_pool(
+    bridge: WsgiBridge, member: Persona, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from budgets import enforcement
+
+    _ranker_budget()
+    _check_inline(bridge, member.raw_key, _check_body(reserve=False))  # warms the caches
+
+    def broken(**_: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(enforcement, "budget_check", broken)
+    status, answer = _check_inline(bridge, member.raw_key, _check_body())
+    assert (status, answer["error"]["code"]) == (500, "server_error")
+    assert bridge.inline_served == 1
+    assert "boom" in caplog.text
