@@ -239,7 +239,7 @@ def redis_check(
             )
         )
     for _attempt in range(3):
-        reply = tm_redis.script(_CHECK)(keys=keys, args=args)
+        reply = tm_redis.run_script(_CHECK, keys, args)
         if int(reply[0]) == -1:
             for index in reply[1]:
                 seed(holds[int(index) - 1])

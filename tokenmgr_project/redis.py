@@ -3,8 +3,10 @@ request: after a failure callers skip Redis for BREAKER_SECONDS and use their fa
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -78,6 +80,40 @@ def script(source: str) -> Any:
     if found is None:
         found = registered[source] = current.register_script(source)
     return found
+
+
+_own = threading.local()
+
+
+def run_script(source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """The script's reply, run on this thread's own connection without redis-py's command
+    layers (pool checkout and release, observability hooks: ~35 µs of CPU per call, a tenth
+    of a budget check). Never retried: a script may have run although its reply was lost,
+    and running a hold twice would hold twice. Connection trouble raises REDIS_ERRORS."""
+    current = client()
+    conn = getattr(_own, "conn", None)
+    if conn is None or _own.client is not current or _own.pid != os.getpid():
+        pool = current.connection_pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        _own.conn, _own.client, _own.pid = conn, current, os.getpid()
+    try:
+        stale = conn.can_read()  # an unread reply waiting: a call before was cut off
+    except REDIS_ERRORS:
+        stale = True  # closed by the server
+    if stale:
+        conn.disconnect()
+    try:
+        conn.send_command("EVALSHA", script(source).sha, len(keys), *keys, *args)
+        try:
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            conn.send_command("EVAL", source, len(keys), *keys, *args)
+            return conn.read_response()
+    except redis.ResponseError:
+        raise  # the script's own error; the connection is fine
+    except BaseException:
+        conn.disconnect()
+        raise
 
 
 def key(*parts: str) -> str:

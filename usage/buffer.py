@@ -159,7 +159,7 @@ def add(
     for item in counting or [_NOTHING] * len(request_ids):
         args.extend((item.reservation_key, item.cost_micros, item.tokens, len(item.counter_keys)))
         args.extend(item.counter_keys)
-    result = tm_redis.script(_ADD)(keys=[stream_key(), depth_key()], args=args)
+    result = tm_redis.run_script(_ADD, [stream_key(), depth_key()], args)
     depth = int(result[-1])
     return [int(flag) for flag in result[:-1]], depth
 
