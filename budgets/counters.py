@@ -260,16 +260,14 @@ def redis_seed(budget: Budget, window: Window, spend_micros: int, tokens: int) -
         (min(window.end, timezone.now() + timedelta(days=3650)) + COUNTER_GRACE).timestamp()
     )
     return bool(
-        tm_redis.script(_SEED)(
-            keys=[counter_key(budget.pk, window)], args=[spend_micros, tokens, expire_at]
+        tm_redis.run_script(
+            _SEED, [counter_key(budget.pk, window)], [spend_micros, tokens, expire_at]
         )
     )
 
 
 def redis_raise(budget: Budget, window: Window, spend_micros: int, tokens: int) -> tuple[int, int]:
-    reply = tm_redis.script(_RAISE)(
-        keys=[counter_key(budget.pk, window)], args=[spend_micros, tokens]
-    )
+    reply = tm_redis.run_script(_RAISE, [counter_key(budget.pk, window)], [spend_micros, tokens])
     return int(reply[0]), int(reply[1])
 
 
@@ -281,12 +279,12 @@ def redis_totals(budget_id: int, window: Window) -> Totals | None:
 
 
 def redis_sweep(limit: int = 1000) -> int:
-    return int(tm_redis.script(_SWEEP)(keys=[open_reservations_key()], args=[_now_ms(), limit]))
+    return int(tm_redis.run_script(_SWEEP, [open_reservations_key()], [_now_ms(), limit]))
 
 
 def redis_cancel(reservation_id: str) -> str | None:
-    status = tm_redis.script(_CANCEL)(
-        keys=[reservation_key(reservation_id), open_reservations_key()]
+    status = tm_redis.run_script(
+        _CANCEL, [reservation_key(reservation_id), open_reservations_key()]
     )
     return status.decode() if status else None
 

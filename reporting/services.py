@@ -73,8 +73,9 @@ def status_publish(
     }
     if tm_redis.available():
         try:
-            push = tm_redis.script(_PUSH)
-            push(keys=[queue_key(), dropped_key()], args=[json.dumps(payload), QUEUE_LIMIT])
+            tm_redis.run_script(
+                _PUSH, [queue_key(), dropped_key()], [json.dumps(payload), QUEUE_LIMIT]
+            )
             return
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; status message queued in the database")

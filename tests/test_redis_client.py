@@ -20,12 +20,12 @@ def _own_client_id() -> int:
     return int(conn.read_response())
 
 
-def test_it_answers_as_redis_pys_script_call_and_loads_a_missing_script() -> None:
+def test_it_answers_as_redis_pys_eval_and_loads_a_missing_script() -> None:
     key = tm_redis.key("t", "echo")
     assert tm_redis.run_script(ECHO, [key], ["a", 41]) == [key.encode(), b"a", 42]
     tm_redis.client().script_flush()  # a restarted Redis has no scripts
     assert tm_redis.run_script(ECHO, [key], ["b", 1]) == [key.encode(), b"b", 2]
-    assert tm_redis.script(ECHO)(keys=[key], args=["c", 2]) == [key.encode(), b"c", 3]
+    assert tm_redis.client().eval(ECHO, 1, key, "c", 2) == [key.encode(), b"c", 3]
     assert int(tm_redis.client().get(key)) == 3  # each call ran exactly once
 
 

@@ -131,40 +131,38 @@ class WsgiBridge:
         Without the request signals: their receivers look after database connections, the
         query log and Django's cache connections, none of which can be used on the loop (and
         the lookups through asgiref's thread-critical locals cost ~10% of a check's CPU)."""
+        try:
+            answer = self._run(action, authorization, body)
+        except SynchronousOnlyOperation:
+            self.inline_deferred += 1
+            return None
+        self.inline_served += 1
+        return answer
+
+    def _call_fast(
+        self, action: str, authorization: str, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        # The request signals carry Django's per-request housekeeping (closing broken or
+        # expired database connections, resetting the query log).
+        signals.request_started.send(sender=self.__class__, environ=None)
+        try:
+            return self._run(action, authorization, body)
+        finally:
+            signals.request_finished.send(sender=self.__class__)
+
+    @staticmethod
+    def _run(
+        action: str, authorization: str, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         from usage.apis import fast_action
 
         try:
             code, payload, extra = fast_action(action, authorization, body)
         except SynchronousOnlyOperation:
-            self.inline_deferred += 1
-            return None
+            raise  # on the event loop only: _call_inline runs it again in the pool
         except Exception:
             logger.exception("Internal Server Error: %s", action)
             code, payload, extra = _SERVER_ERROR
-        self.inline_served += 1
-        return self._answer(code, payload, extra)
-
-    def _call_fast(
-        self, action: str, authorization: str, body: bytes
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        from usage.apis import fast_action
-
-        # The request signals carry Django's per-request housekeeping (closing broken or
-        # expired database connections, resetting the query log).
-        signals.request_started.send(sender=self.__class__, environ=None)
-        try:
-            code, payload, extra = fast_action(action, authorization, body)
-        except Exception:
-            logger.exception("Internal Server Error: %s", action)
-            code, payload, extra = _SERVER_ERROR
-        finally:
-            signals.request_finished.send(sender=self.__class__)
-        return self._answer(code, payload, extra)
-
-    @staticmethod
-    def _answer(
-        code: int, payload: dict[str, Any], extra: dict[str, str]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         data = _ENCODER.encode(payload).encode()
         headers = [*FAST_HEADERS, (b"content-length", str(len(data)).encode())]
         headers.extend((k.lower().encode("latin1"), v.encode("latin1")) for k, v in extra.items())

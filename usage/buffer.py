@@ -167,7 +167,7 @@ def add(
 def release(request_ids: list[str]) -> None:
     """Forget claims for events that were not buffered after all (used on rollback paths)."""
     if request_ids:
-        tm_redis.script(_RELEASE)(args=[dedupe_prefix() + rid for rid in request_ids])
+        tm_redis.run_script(_RELEASE, args=[dedupe_prefix() + rid for rid in request_ids])
 
 
 def _entries(raw: list[Any]) -> list[Entry]:
@@ -208,7 +208,7 @@ def ack(entries: list[Entry]) -> int:
     args: list[Any] = [GROUP]
     for entry in entries:
         args.extend((entry.entry_id, entry.count))
-    return int(tm_redis.script(_ACK)(keys=[stream_key(), depth_key()], args=args))
+    return int(tm_redis.run_script(_ACK, [stream_key(), depth_key()], args))
 
 
 def depth() -> int:
