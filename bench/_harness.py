@@ -1,6 +1,6 @@
-"""Shared plumbing for the ingestion benchmarks: a throw-away database, Redis db and API key, and
-the server processes (uvicorn, celery worker, celery beat), all stopped again on exit, on error,
-on Ctrl-C and on SIGTERM.
+"""Shared plumbing for the benchmarks: a throw-away database, Redis server (AOF on) and API key,
+and the server processes (uvicorn, celery worker, celery beat, the bare reference endpoint), all
+stopped again on exit, on error, on Ctrl-C and on SIGTERM.
 
 Only loopback traffic. Every process is started in a session of its own, so it and its children
 (uvicorn's workers, celery's pool process) are stopped through that one process-group id.
@@ -32,7 +32,7 @@ PY = str(VENV_BIN / "python")
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DB_NAME = "tokenmgr_bench"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_HOST = "127.0.0.1"
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789abcdef"
 
 
@@ -82,7 +82,11 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 class Stack:
-    """Database + Redis db + API key + server processes for one benchmark run."""
+    """Database + Redis + API key + server processes for one benchmark run.
+
+    Redis is a server of the run's own (a free port, its data in the run's temporary folder) with
+    AOF on and `appendfsync everysec`, as tokenmgr requires for the buffer (README): the shared
+    Redis on 6379 keeps nothing on disk, and a benchmark must never flush a shared server."""
 
     def __init__(self, *, redis_db: int | None, extra_env: dict[str, str] | None = None):
         self.db_name = DB_NAME
@@ -90,6 +94,7 @@ class Stack:
         self.tmp = Path(tempfile.mkdtemp(prefix="tokenmgr-bench-"))
         (self.tmp / "data").mkdir()
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.redis_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
         self.env.update(
             DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{self.db_name}",
@@ -101,7 +106,7 @@ class Stack:
             DJANGO_SETTINGS_MODULE="tokenmgr_project.settings",
         )
         if redis_db is not None:
-            self.env["REDIS_URL"] = f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
+            self.env["REDIS_URL"] = f"redis://{REDIS_HOST}:{self.redis_port}/{redis_db}"
         self.env.update(extra_env or {})
         self.key = ""
 
@@ -120,9 +125,6 @@ class Stack:
             self.dump_logs()
         self.stop_all()
         self.drop_database()
-        if self.redis_db is not None and not os.environ.get("BENCH_KEEP_DB"):
-            with contextlib.suppress(Exception):
-                self.redis().flushdb()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # --- database / redis ------------------------------------------------------------------------
@@ -155,13 +157,35 @@ class Stack:
         import redis
 
         assert self.redis_db is not None
-        return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=self.redis_db)
+        return redis.Redis(host=REDIS_HOST, port=self.redis_port, db=self.redis_db)
+
+    def start_redis(self) -> None:
+        """The run's own Redis, AOF on (appendfsync everysec), stopped with everything else."""
+        (self.tmp / "redis").mkdir()
+        self.start(
+            "redis",
+            [
+                shutil.which("redis-server") or "/usr/bin/redis-server",
+                "--port", str(self.redis_port), "--bind", REDIS_HOST, "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(self.tmp / "redis"), "--daemonize", "no",
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.redis().ping()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis did not start:\n{self.log_tail('redis')}") from None
+                time.sleep(0.05)
 
     def setup(self) -> None:
-        """Fresh database, empty Redis db, migrations, one global API key."""
+        """Fresh database, the run's own Redis, migrations, one global API key."""
         self.reset_database()
         if self.redis_db is not None:
-            self.redis().flushdb()
+            self.start_redis()
         self.manage("migrate", "--noinput", "-v", "0")
         out = self.manage("apikey", "create", "--name", "bench", "--quiet")
         self.key = out.strip().splitlines()[-1]
@@ -230,6 +254,15 @@ class Stack:
                 "--no-access-log", "--log-level", "warning",
             ],
         )  # fmt: skip
+        self.wait_http(port)
+        return port
+
+    def start_bare(self, workers: int) -> int:
+        """The reference: bench/_bare_app.py, a bare uvicorn JSON endpoint, one process per worker
+        on its own SO_REUSEPORT socket like tokenmgr's servers (returns its port)."""
+        port = free_port()
+        one = f"{PY} {REPO / 'bench' / '_bare_app.py'} 127.0.0.1 {port}"
+        self.start(f"bare-w{workers}", ["sh", "-c", f"{' & '.join([one] * workers)} & wait"])
         self.wait_http(port)
         return port
 
@@ -340,7 +373,12 @@ def server_versions(stack: Stack) -> dict[str, str]:
     with contextlib.suppress(Exception):
         import redis
 
-        out["redis"] = redis.Redis(host=REDIS_HOST, port=REDIS_PORT).info("server")["redis_version"]
+        rds = redis.Redis(host=REDIS_HOST, port=stack.redis_port)
+        out["redis"] = rds.info("server")["redis_version"]
+        aof = rds.config_get("appendonly")["appendonly"]
+        out["redis"] += (
+            f" (appendonly {aof}, appendfsync {rds.config_get('appendfsync')['appendfsync']})"
+        )
     return out
 
 

@@ -8,8 +8,8 @@ checks/s at concurrency 32 with p99 under 15 ms; the in-process service call's p
     .venv/bin/python bench/budget_check.py --duration 30 --rate 1500 --paced always
 
 What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
-  1. drops/creates database `tokenmgr_bench`, FLUSHDB on Redis db 5, migrates, creates a global
-     API key and four budgets that all apply to the checked request (global; team "search";
+  1. drops/creates database `tokenmgr_bench`, starts its own Redis (AOF on), migrates, creates a
+     global API key and four budgets that all apply to the checked request (global; team "search";
      project "ranker" of team "search"; user "u1"), each with a cost limit of 10^9 USD and a
      token limit of 10^15, so no check is ever refused and no threshold is crossed;
   2. in-process: budget_check() (budgets.services, or budgets.enforcement once split off) in a
@@ -196,12 +196,17 @@ from budgets import counters
 from tokenmgr_project import redis as tm_redis
 
 reservation_cancel = find("reservation_cancel")
+# Since issue 8 the cancel is gated by the caller's scope; older code takes no principal.
+import inspect
+from usage.auth import Principal
+scoped = "principal" in inspect.signature(reservation_cancel).parameters
+gate = {"principal": Principal(scope="global")} if scoped else {}
 prefix = counters.reservation_key("")
 members = tm_redis.client().zrange(counters.open_reservations_key(), 0, -1)
 t0 = time.perf_counter()
 statuses = {}
 for member in members:
-    status = reservation_cancel(reservation_id=member.decode()[len(prefix):])
+    status = reservation_cancel(reservation_id=member.decode()[len(prefix):], **gate)
     statuses[status] = statuses.get(status, 0) + 1
 print("RESULT " + json.dumps({"cancelled": statuses, "seconds": time.perf_counter() - t0}))
 """
@@ -484,6 +489,41 @@ def measure(stack: h.Stack, args: argparse.Namespace, workers: int) -> dict:
     return res
 
 
+def measure_reference(stack: h.Stack, args: argparse.Namespace, workers: int) -> dict:
+    """The same saturation and paced wrk runs against a bare uvicorn JSON endpoint
+    (bench/_bare_app.py, a canned allowed check of 4 budgets) with as many processes."""
+    port = stack.start_bare(workers)
+    h.wait_quiet(args.quiet_wait)
+    h.log(f"reference: bare uvicorn JSON endpoint, {workers} process(es), on 127.0.0.1:{port}")
+    if args.warmup:
+        run_wrk(port=port, key="-", args=args, seconds=args.warmup)
+    res = {"sat": run_wrk(port=port, key="-", args=args, seconds=args.duration, workers=workers)}
+    if args.rate:
+        offered = args.rate * 1.01
+        res["paced"] = run_wrk(
+            port=port, key="-", args=args, seconds=args.duration, rate=offered, workers=workers
+        )
+    stack.stop(f"bare-w{workers}")
+    return res
+
+
+def report_reference(ref: dict, r: dict) -> None:
+    def line(label: str, x: dict, ours: dict | None) -> None:
+        text = f"  reference {label}: {x['ok_rps']:>9,.0f} req/s, p99 {x['p99_us'] / 1000:.2f} ms"
+        if ours is not None:
+            text += (
+                f"  | tokenmgr {ours['ok_rps']:,.0f} checks/s = {ours['ok_rps'] / x['ok_rps']:.0%}"
+                f" of it, p99 {ours['p99_us'] / 1000:.2f} ms"
+                f" = +{(ours['p99_us'] - x['p99_us']) / 1000:.2f} ms"
+            )
+        print(text)
+
+    print("  bare uvicorn JSON endpoint (bench/_bare_app.py), same processes, same wrk, same run:")
+    line("saturation", ref["sat"], r["sat"])
+    if "paced" in ref:
+        line("paced     ", ref["paced"], r.get("paced"))
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -561,7 +601,7 @@ def report_holds(r: dict) -> bool:
     for b in holds["budgets"]:
         print(
             f"    {b['name']:<14} counter held {b['counter_tokens']:>12,} tokens / "
-            f"{b['counter_cost']:>12,} micro-USD; open reservations "
+            f"{b['counter_cost']:>12,} units of 1e-10 USD; open reservations "
             f"{b['open_tokens']:>12,} / {b['open_cost']:>12,}"
         )
     print(f"    counters == sum of open reservations -> {'OK' if ok_holds else 'MISMATCH'}")
@@ -690,6 +730,7 @@ def main() -> int:
         stack.start_worker()
         stack.start_beat()
         results = [measure(stack, args, workers) for workers in workers_list]
+        refs = [measure_reference(stack, args, workers) for workers in workers_list]
 
     rule = "=" * 78
     print(f"\n{rule}")
@@ -704,8 +745,9 @@ def main() -> int:
     if inproc is not None:
         verdicts.append(report_inprocess(inproc))
     consistent = True
-    for r in results:
+    for r, ref in zip(results, refs, strict=True):
         met, ok = report_one(r, args)
+        report_reference(ref, r)
         verdicts.append(met)
         consistent = consistent and ok
     print(rule)

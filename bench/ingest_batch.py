@@ -8,7 +8,8 @@ PostgreSQL COPY rate measured in the same run.
     .venv/bin/python bench/ingest_batch.py --mode direct   # no REDIS_URL: rows inserted in-request
 
 What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
-  1. drops/creates database `tokenmgr_bench`, FLUSHDB on Redis db 5, migrates, creates an API key;
+  1. drops/creates database `tokenmgr_bench`, starts its own Redis (AOF on), migrates, creates
+     an API key;
   2. starts uvicorn (--workers 2 by default) and, in redis mode, a celery worker (concurrency 1)
      and celery beat;
   3. warms every server process up with a few small batches, waits until they are in the ledger;

@@ -8,14 +8,17 @@ generator on this machine.
     .venv/bin/python bench/ingest_single.py --workers 2 --duration 30
 
 What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
-  1. drops/creates database `tokenmgr_bench`, FLUSHDB on Redis db 5, migrates, creates an API key;
+  1. drops/creates database `tokenmgr_bench`, starts its own Redis (AOF, appendfsync everysec),
+     migrates, creates an API key;
   2. starts a celery worker (concurrency 1) and celery beat, so the Redis buffer drains;
   3. for each --workers value: starts uvicorn (Redis configured), warms it up with a short wrk
      run, then runs `wrk -t2 -c16 -d20s --latency -s bench/ingest_single.lua` (a unique
      request_id per request) and reads requests/s and the latency distribution; waits for the
      buffer to drain, runs a final in-process usage_flush() and checks that every 201 response
      has its row in PostgreSQL and nothing else does (requests still in flight when wrk stopped
-     -- sent, response never read -- are committed too: at most -c of them).
+     -- sent, response never read -- are committed too: at most -c of them);
+  4. the same wrk runs (saturation, paced) against a bare uvicorn JSON endpoint
+     (bench/_bare_app.py) with as many processes: the reference this run is judged beside.
 """
 
 from __future__ import annotations
@@ -183,20 +186,64 @@ def measure(stack: h.Stack, args: argparse.Namespace, workers: int, run_id: str)
     return res
 
 
-def measure_paced(stack: h.Stack, args: argparse.Namespace, port: int, prefix: str) -> dict:
-    """Latency at a fixed offered load: each connection pauses so that all of them together send
-    about --rate requests/s. The pause is calibrated from short runs' achieved rates: a cycle
-    per connection is pause + everything else, and "everything else" is measured, not guessed."""
+def calibrate(
+    port: int, key: str, prefix: str, args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """(offered rate aimed at, interval per connection in ms, pause in ms) for --rate."""
     aim = args.rate * 1.05  # a little over, so the achieved rate does not fall just short
     interval_ms = args.connections * 1000 / aim
     pause = max(1.0, interval_ms - 2)
     for _ in range(3):
         calib = run_wrk(
-            port=port, key=stack.key, prefix=f"{prefix}c", args=args, seconds=5, pause_ms=pause
+            port=port, key=key, prefix=f"{prefix}c", args=args, seconds=5, pause_ms=pause
         )
         achieved = calib["requests"] / (calib["duration_us"] / 1e6)
         rest_ms = args.connections * 1000 / achieved - pause
         pause = max(1.0, interval_ms - rest_ms)
+    return aim, interval_ms, pause
+
+
+def measure_reference(stack: h.Stack, args: argparse.Namespace, workers: int, run_id: str) -> dict:
+    """The same wrk runs against a bare uvicorn JSON endpoint (bench/_bare_app.py) in this run."""
+    port = stack.start_bare(workers)
+    h.log(f"reference: bare uvicorn JSON endpoint, {workers} process(es), on 127.0.0.1:{port}")
+    prefix = f"ref{workers}-{run_id}"
+    if args.warmup:
+        run_wrk(port=port, key="-", prefix=prefix, args=args, seconds=args.warmup)
+    res = {"sat": run_wrk(port=port, key="-", prefix=prefix, args=args, seconds=args.duration)}
+    if args.rate:
+        _aim, _interval, pause = calibrate(port, "-", prefix, args)
+        res["paced"] = run_wrk(
+            port=port, key="-", prefix=prefix, args=args, seconds=args.duration, pause_ms=pause
+        )
+    stack.stop(f"bare-w{workers}")
+    return res
+
+
+def report_reference(ref: dict, r: dict, args: argparse.Namespace) -> None:
+    def line(label: str, x: dict, ours: dict | None) -> None:
+        rps = x["created"] / (x["duration_us"] / 1e6)
+        p99 = x["p99_us"] / 1000
+        text = f"  reference {label}: {rps:>9,.0f} req/s, p99 {p99:.2f} ms"
+        if ours is not None:
+            ours_rps = ours["created"] / (ours["duration_us"] / 1e6)
+            text += (
+                f"  | tokenmgr {ours_rps:,.0f} req/s = {ours_rps / rps:.0%} of it, "
+                f"p99 {ours['p99_us'] / 1000:.2f} ms = +{ours['p99_us'] / 1000 - p99:.2f} ms"
+            )
+        print(text)
+
+    print("  bare uvicorn JSON endpoint (bench/_bare_app.py), same processes, same wrk, same run:")
+    line("saturation", ref["sat"], r)
+    if "paced" in ref:
+        line("paced     ", ref["paced"], r.get("paced"))
+
+
+def measure_paced(stack: h.Stack, args: argparse.Namespace, port: int, prefix: str) -> dict:
+    """Latency at a fixed offered load: each connection pauses so that all of them together send
+    about --rate requests/s. The pause is calibrated from short runs' achieved rates: a cycle
+    per connection is pause + everything else, and "everything else" is measured, not guessed."""
+    aim, interval_ms, pause = calibrate(port, stack.key, prefix, args)
     for attempt in range(3):
         wait_drained(stack, timeout=30)
         h.log(f"paced run: -c{args.connections}, pause {pause:.2f} ms, aim {aim:.0f} req/s")
@@ -319,6 +366,7 @@ def main() -> int:
         stack.start_beat()
         machine = h.machine_line(stack)
         results = [measure(stack, args, workers, run_id) for workers in workers_list]
+        refs = [measure_reference(stack, args, workers, run_id) for workers in workers_list]
 
     rule = "=" * 76
     print(f"\n{rule}")
@@ -329,7 +377,10 @@ def main() -> int:
     if args.settings != "tokenmgr_project.settings" or args.interface != "asgi":
         print(f"WHAT-IF: settings {args.settings}, interface {args.interface}")
     print(machine)
-    consistent = [report_one(r, args) for r in results]
+    consistent = []
+    for r, ref in zip(results, refs, strict=True):
+        consistent.append(report_one(r, args))
+        report_reference(ref, r, args)
     print(rule)
     return 0 if all(consistent) else 1
 

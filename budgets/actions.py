@@ -46,7 +46,11 @@ def _budget_id(data: dict[str, Any]) -> Any:
     return data["budget_id"]
 
 
-@action("list_budgets", "Budgets visible to the caller (optionally only active ones).")
+@action(
+    "list_budgets",
+    "Budgets visible to the caller (optionally only active ones).",
+    staff_perm="budgets.view_budget",
+)
 def list_budgets(principal: Principal, data: Any) -> Outcome:
     params = _object(data)
     qs = selectors.budgets_for_principal(principal).order_by("id")
@@ -58,18 +62,22 @@ def list_budgets(principal: Principal, data: Any) -> Outcome:
     return Outcome({"results": [budget_out(b) for b in qs]})
 
 
-@action("create_budget", "Create a budget (SPEC §5).")
+@action("create_budget", "Create a budget (SPEC §5).", staff_perm="budgets.add_budget")
 def create_budget(principal: Principal, data: Any) -> Outcome:
     budget = services.budget_create(principal=principal, **_object(data))
     return Outcome(budget_out(budget), status=201)
 
 
-@action("get_budget", "One budget.")
+@action("get_budget", "One budget.", staff_perm="budgets.view_budget")
 def get_budget(principal: Principal, data: Any) -> Outcome:
     return Outcome(budget_out(selectors.budget_for_principal(principal, _budget_id(_object(data)))))
 
 
-@action("update_budget", "Change a budget (name, limits, thresholds, enforcement, active).")
+@action(
+    "update_budget",
+    "Change a budget (name, limits, thresholds, enforcement, active).",
+    staff_perm="budgets.change_budget",
+)
 def update_budget(principal: Principal, data: Any) -> Outcome:
     changes = dict(_object(data))
     budget = selectors.budget_for_principal(principal, changes.pop("budget_id", None))
@@ -77,13 +85,21 @@ def update_budget(principal: Principal, data: Any) -> Outcome:
     return Outcome(budget_out(selectors.budget_for_principal(principal, budget.pk)))
 
 
-@action("delete_budget", "Deactivate a budget; its history stays.")
+@action(
+    "delete_budget",
+    "Deactivate a budget; its history stays.",
+    staff_perm="budgets.delete_budget",
+)
 def delete_budget(principal: Principal, data: Any) -> Outcome:
     budget = selectors.budget_for_principal(principal, _budget_id(_object(data)))
     return Outcome(budget_out(services.budget_deactivate(budget=budget)))
 
 
-@action("get_budget_status", "Limit, effective limit, spent, reserved, remaining, projection.")
+@action(
+    "get_budget_status",
+    "Limit, effective limit, spent, reserved, remaining, projection.",
+    staff_perm="budgets.view_budget",
+)
 def get_budget_status(principal: Principal, data: Any) -> Outcome:
     budget = selectors.budget_for_principal(principal, _budget_id(_object(data)))
     return Outcome(selectors.budget_status(budget).as_dict())
@@ -92,6 +108,7 @@ def get_budget_status(principal: Principal, data: Any) -> Outcome:
 @action(
     "check_budget",
     "Would this request fit every applicable budget? With reserve=true, hold its worst case.",
+    staff_perm="budgets.view_budget",
 )
 def check_budget(principal: Principal, data: Any) -> Outcome:
     params = validate(BudgetCheckIn, data)
@@ -99,8 +116,14 @@ def check_budget(principal: Principal, data: Any) -> Outcome:
     return Outcome(result.as_dict())
 
 
-@action("cancel_reservation", "Free an open reservation's hold now.")
+@action(
+    "cancel_reservation",
+    "Free an open reservation's hold now.",
+    staff_perm="budgets.change_reservation",
+)
 def cancel_reservation(principal: Principal, data: Any) -> Outcome:
     params = validate(ReservationCancelIn, data)
-    before = enforcement.reservation_cancel(reservation_id=params.reservation_id)
+    before = enforcement.reservation_cancel(
+        principal=principal, reservation_id=params.reservation_id
+    )
     return Outcome({"reservation_id": params.reservation_id, "status_before": before})

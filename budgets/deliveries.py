@@ -186,11 +186,14 @@ def _send_email(channel: AlertChannel, alert: BudgetAlert) -> None:
 
 
 def _send_status(channel: AlertChannel, alert: BudgetAlert) -> None:
+    # In the budget's scope: a team budget's alert reaches the team's viewers, not another's.
     status_publish(
         conversation_id=channel.target,
         category=StatusCategory.BUDGET,
         message=alert.message,
         data=alert_payload(alert),
+        team_id=alert.budget.team_id,
+        project_id=alert.budget.project_id,
     )
 
 

@@ -14,9 +14,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from budgets import counters, selectors
-from budgets.models import Budget, Reservation, Window
+from budgets.models import Budget, CounterRebuild, Reservation, Window
 from budgets.schemas import BudgetCheckIn
-from budgets.services import counter_seed
+from budgets.services import counter_seed, counters_rebuild
 from tokenmgr_project import redis as tm_redis
 from usage import pricing, tokenizer
 from usage.auth import Principal
@@ -98,7 +98,7 @@ def _hold_for(rule: selectors.Rule, window: Window) -> counters.Hold:
     return counters.Hold(
         budget_id=rule.budget.pk,
         window=window,
-        cost_limit_micros=None if cost is None else counters.to_micros(cost),
+        cost_limit_units=None if cost is None else counters.limit_units(cost),
         token_limit=rule.limits.tokens,
         hard=rule.hard,
     )
@@ -108,7 +108,7 @@ def _budget_view(
     rule: selectors.Rule,
     hold: counters.Hold,
     totals: counters.Totals,
-    cost_micros: int,
+    cost_units: int,
     tokens: int,
 ) -> dict[str, Any]:
     view: dict[str, Any] = {
@@ -121,11 +121,11 @@ def _budget_view(
         if rule.budget.period == Budget.Period.LIFETIME
         else hold.window.end.isoformat(),
     }
-    if hold.cost_limit_micros is not None:
-        used = totals.cost_micros + totals.held_cost_micros
-        view["cost_limit"] = pricing.money(counters.from_micros(hold.cost_limit_micros))
-        view["cost_remaining"] = pricing.money(counters.from_micros(hold.cost_limit_micros - used))
-        view["cost_percent_after"] = _pct(used + cost_micros, hold.cost_limit_micros)
+    if hold.cost_limit_units is not None:
+        used = totals.cost_units + totals.held_cost_units
+        view["cost_limit"] = pricing.money(counters.from_units(hold.cost_limit_units))
+        view["cost_remaining"] = pricing.money(counters.from_units(hold.cost_limit_units - used))
+        view["cost_percent_after"] = _pct(used + cost_units, hold.cost_limit_units)
     if hold.token_limit is not None:
         used_t = totals.tokens + totals.held_tokens
         view["token_limit"] = hold.token_limit
@@ -206,7 +206,7 @@ def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
     )
     cost: Decimal = price.cost
     tokens = input_tokens + params.max_output_tokens
-    cost_micros = counters.to_micros(cost, up=True)
+    cost_units = counters.hold_units(cost)
     rules = selectors.applicable_rules(attribution)
     if params.budget_id is not None:
         _expect_budget(principal, params.budget_id, rules)
@@ -226,7 +226,7 @@ def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
         ),
     )
     for i, (rule, hold, totals) in enumerate(zip(rules, holds, outcome.totals, strict=True)):
-        view = _budget_view(rule, hold, totals, cost_micros, tokens)
+        view = _budget_view(rule, hold, totals, cost_units, tokens)
         result.budgets.append(view)
         if i == outcome.blocked:
             result.blocking = view
@@ -258,13 +258,17 @@ def _run_check(
         return counters.CheckOutcome(None, [], reservation_id)
     if tm_redis.available():
         try:
+            if counters.rebuild_due:  # usage went straight to the database lately
+                counters_rebuild()
             return counters.redis_check(
                 holds,
-                cost_micros=counters.to_micros(cost, up=True),
+                cost_units=counters.hold_units(cost),
                 tokens=tokens,
                 reserve=params.reserve,
                 ttl_seconds=params.reservation_ttl_seconds,
                 seed=lambda hold: counter_seed(_budget_of(rules, hold), hold.window),
+                team_id=attribution["team_id"],
+                project_id=attribution["project_id"],
             )
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; checking budgets in the database")
@@ -291,11 +295,13 @@ def _empty_reservation(
     outcome = (
         counters.redis_check(
             [],
-            cost_micros=counters.to_micros(cost, up=True),
+            cost_units=counters.hold_units(cost),
             tokens=tokens,
             reserve=True,
             ttl_seconds=params.reservation_ttl_seconds,
             seed=lambda hold: None,
+            team_id=attribution["team_id"],
+            project_id=attribution["project_id"],
         )
         if tm_redis.available()
         else counters.db_check(
@@ -313,20 +319,17 @@ def _empty_reservation(
     return outcome.reservation_id
 
 
-def reservation_cancel(*, reservation_id: str) -> str:
-    """Free an open reservation's hold now. Returns the status it had."""
-    if tm_redis.available():
+def reservation_cancel(*, principal: Principal, reservation_id: str) -> str:
+    """Free an open reservation's hold now. Returns the status it had. Another scope's
+    reservation answers 404, exactly like an unknown id."""
+    if tm_redis.available() and selectors.redis_reservation_for_principal(
+        principal, reservation_id
+    ):
         status = counters.redis_cancel(reservation_id)
         if status is not None:
             return status
     with transaction.atomic():
-        row = Reservation.objects.select_for_update().filter(reservation_id=reservation_id).first()
-        if row is None:
-            raise ApiError(
-                "Unknown reservation.",
-                fields={"reservation_id": ["No such reservation."]},
-                status_code=404,
-            )
+        row = selectors.get_reservation_for_principal(principal, reservation_id, lock=True)
         before = row.status
         if row.status == Reservation.Status.OPEN:
             row.status = Reservation.Status.CANCELLED
@@ -340,13 +343,15 @@ def reservation_cancel(*, reservation_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class UsagePlan:
-    """Per row: the counter keys to increment, its cost (micro-USD), tokens and reservation id."""
+    """Per row: the counter keys to increment, its cost (counter units), tokens and reservation
+    id; and per counter key a (budget id, occurred_at) inside its window."""
 
     keys: list[list[str]]
-    cost_micros: list[int]
+    cost_units: list[int]
     tokens: list[int]
     reservations: list[str]
     budget_ids: set[int]
+    windows: dict[str, tuple[int, datetime]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -356,33 +361,51 @@ class UsagePlan:
 def usage_plan(rows: Sequence[Row]) -> UsagePlan:
     keys: list[list[str]] = []
     budget_ids: set[int] = set()
+    windows: dict[str, tuple[int, datetime]] = {}
     has_rules = bool(selectors.active_rules().everything)
     for row in rows:
         row_keys = []
         if has_rules:
             attribution = {dim: row[ROW_INDEX[dim]] for dim in selectors.DIMENSIONS}
+            occurred_at = row[ROW_INDEX["occurred_at"]]
             for rule in selectors.applicable_rules(attribution):
-                window = rule.budget.window_at(row[ROW_INDEX["occurred_at"]])
-                row_keys.append(counters.counter_key(rule.budget.pk, window))
+                key = counters.counter_key(rule.budget.pk, rule.budget.window_at(occurred_at))
+                row_keys.append(key)
                 budget_ids.add(rule.budget.pk)
+                windows.setdefault(key, (rule.budget.pk, occurred_at))
         keys.append(row_keys)
     return UsagePlan(
         keys=keys,
-        cost_micros=[counters.to_micros(counters.row_spend(row)[0]) for row in rows],
+        # Exact: priced costs are whole units (usage.pricing rounds to the ledger's scale).
+        cost_units=[counters.to_units(counters.row_spend(row)[0]) for row in rows],
         tokens=[counters.row_spend(row)[1] for row in rows],
         reservations=[row[ROW_INDEX["reservation_id"]] or "" for row in rows],
         budget_ids=budget_ids,
+        windows=windows,
     )
 
 
-def reservations_unknown_db(reservation_ids: set[str]) -> set[str]:
-    """Of these ids, those no reservation was ever made with (database mode)."""
+def usage_written_direct(plan: UsagePlan) -> None:
+    """Usage is being written straight to the database although Redis is configured (it was
+    unreachable): in the same transaction, record which counters it skipped, so they are
+    rebuilt before anyone relies on them again (services.counters_rebuild)."""
+    if not plan.windows:
+        return
+    CounterRebuild.objects.create(
+        counters=[[budget_id, at.isoformat()] for budget_id, at in plan.windows.values()]
+    )
+    counters.rebuild_due = True
+
+
+def reservations_unknown_db(reservation_ids: set[str], *, principal: Principal) -> set[str]:
+    """Of these ids, those no reservation inside the principal's scope was ever made with
+    (database mode): another scope's reservation is as unknown as one never made."""
     if not reservation_ids:
         return set()
     known = set(
-        Reservation.objects.filter(reservation_id__in=reservation_ids).values_list(
-            "reservation_id", flat=True
-        )
+        selectors.reservations_for_principal(principal)
+        .filter(reservation_id__in=reservation_ids)
+        .values_list("reservation_id", flat=True)
     )
     return reservation_ids - known
 

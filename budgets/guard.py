@@ -359,7 +359,12 @@ def guard_check(*, principal: Principal, data: GuardIn) -> GuardResult:
     )
 
 
-@action("guard", "Check an agent's prompt against its per-run token budget and context window.")
+@action(
+    "guard",
+    "Check an agent's prompt against its per-run token budget and context window.",
+    # It reads the agent's profile and the run's usage so far.
+    staff_perm=("budgets.view_agentprofile", "usage.view_tokenusage"),
+)
 def guard(principal: Principal, data: Any) -> Outcome:
     params = validate(GuardIn, data)
     return Outcome(guard_check(principal=principal, data=params).as_dict())

@@ -503,3 +503,17 @@ class AgentProfile(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.model}, {self.token_budget:,} tokens/run)"
+
+
+class CounterRebuild(models.Model):
+    """Usage went straight to the database while Redis is configured (Redis was unreachable), so
+    these budget counters in Redis may lack it. Written in the same transaction as that usage;
+    whoever next relies on the counters with Redis back rebuilds them from the ledger and deletes
+    the rows (budgets.services.counters_rebuild)."""
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    # [[budget id, an occurred_at (ISO) inside the counter's window], …]: one per counter.
+    counters = models.JSONField(default=list)
+
+    def __str__(self) -> str:
+        return f"rebuild {len(self.counters)} counter(s) after {self.created_at:%Y-%m-%d %H:%M:%S}"

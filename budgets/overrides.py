@@ -31,7 +31,7 @@ from usage.apis import ActionView, _query, with_url_id
 from usage.auth import Principal
 from usage.errors import ApiError, FieldErrors, validation_error
 from usage.models import ApiKey
-from usage.schemas import Strict
+from usage.schemas import Instant, Strict
 
 APPROVE_PERMISSION = "budgets.approve_budgetoverride"
 MAX_EXTRA_TOKENS = 10**15
@@ -51,7 +51,7 @@ class OverrideRequestIn(Strict):
     extra_tokens: Annotated[int, Field(strict=True, gt=0, le=MAX_EXTRA_TOKENS)] | None = None
     unlimited: Annotated[bool, Field(strict=True)] = False
     reason: Reason
-    expires_at: datetime
+    expires_at: Instant
 
 
 class OverrideDecisionIn(Strict):
@@ -297,7 +297,11 @@ def _deciding_user(principal: Principal) -> User:
     return user
 
 
-@action("request_override", "Ask for a budget's limit to be raised until a time (needs approval).")
+@action(
+    "request_override",
+    "Ask for a budget's limit to be raised until a time (needs approval).",
+    staff_perm="budgets.add_budgetoverride",
+)
 def request_override(principal: Principal, data: Any) -> Outcome:
     params = validate(OverrideRequestIn, data)
     budget = budget_for_principal(principal, params.budget_id)
@@ -313,7 +317,11 @@ def request_override(principal: Principal, data: Any) -> Outcome:
     return Outcome(override_out(row), status=201)
 
 
-@action("approve_override", f"Approve a pending override (staff holding {APPROVE_PERMISSION}).")
+@action(
+    "approve_override",
+    f"Approve a pending override (staff holding {APPROVE_PERMISSION}).",
+    staff_perm=APPROVE_PERMISSION,
+)
 def approve_override(principal: Principal, data: Any) -> Outcome:
     user = _deciding_user(principal)
     params = validate(OverrideDecisionIn, data)
@@ -321,7 +329,11 @@ def approve_override(principal: Principal, data: Any) -> Outcome:
     return Outcome(override_out(row))
 
 
-@action("reject_override", f"Reject a pending override (staff holding {APPROVE_PERMISSION}).")
+@action(
+    "reject_override",
+    f"Reject a pending override (staff holding {APPROVE_PERMISSION}).",
+    staff_perm=APPROVE_PERMISSION,
+)
 def reject_override(principal: Principal, data: Any) -> Outcome:
     user = _deciding_user(principal)
     params = validate(OverrideDecisionIn, data)
@@ -329,7 +341,11 @@ def reject_override(principal: Principal, data: Any) -> Outcome:
     return Outcome(override_out(row))
 
 
-@action("list_overrides", "One budget's overrides, newest first: requests and decisions.")
+@action(
+    "list_overrides",
+    "One budget's overrides, newest first: requests and decisions.",
+    staff_perm="budgets.view_budgetoverride",
+)
 def list_overrides(principal: Principal, data: Any) -> Outcome:
     params = validate(OverrideListIn, data)
     budget = budget_for_principal(principal, params.budget_id)

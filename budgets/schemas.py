@@ -30,6 +30,16 @@ def _tz(value: str | None) -> str | None:
     return value
 
 
+def _storable(value: str | None) -> str | None:
+    # Budgets are written by the services (the API and the admin) straight from these schemas.
+    if value is not None and "\x00" in value:
+        raise ValueError("Must not contain NUL characters (\\u0000).")
+    return value
+
+
+_TEXT_FIELDS = ("name", "scope_id", "team_id", "project_id")
+
+
 def _thresholds(value: list[Decimal] | None) -> list[Decimal] | None:
     if value is not None and len(set(value)) != len(value):
         raise ValueError("Thresholds must be distinct.")
@@ -52,6 +62,7 @@ class BudgetIn(Strict):
 
     _check_tz = field_validator("timezone")(_tz)
     _check_thresholds = field_validator("thresholds")(_thresholds)
+    _check_text = field_validator(*_TEXT_FIELDS)(_storable)
 
 
 class BudgetPatchIn(Strict):
@@ -70,6 +81,7 @@ class BudgetPatchIn(Strict):
 
     _check_tz = field_validator("timezone")(_tz)
     _check_thresholds = field_validator("thresholds")(_thresholds)
+    _check_text = field_validator(*_TEXT_FIELDS)(_storable)
 
 
 class ChatMessage(Strict):

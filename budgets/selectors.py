@@ -18,9 +18,12 @@ from budgets.models import (
     SCOPE_COLUMNS,
     Budget,
     BudgetOverride,
+    CounterRebuild,
+    Reservation,
     Window,
 )
 from tokenmgr_project import redis as tm_redis
+from tokenmgr_project import unavailable
 from usage.auth import Principal
 from usage.errors import ApiError
 from usage.pricing import money
@@ -49,6 +52,47 @@ def budget_for_principal(principal: Principal, budget_id: Any) -> Budget:
         raise ApiError(
             "Budget not found.", fields={"budget_id": ["No such budget."]}, status_code=404
         ) from None
+
+
+def _reservation_not_found() -> ApiError:
+    # One answer for "no such id" and "not yours", so ids of other scopes reveal nothing.
+    return ApiError(
+        "Unknown reservation.",
+        fields={"reservation_id": ["No such reservation."]},
+        status_code=404,
+    )
+
+
+def reservations_for_principal(principal: Principal) -> QuerySet[Reservation]:
+    """The reservations (database mode) a caller may act on: those of its team/project."""
+    qs = Reservation.objects.all()
+    if principal.team_id:
+        qs = qs.filter(team_id=principal.team_id)
+    if principal.project_id:
+        qs = qs.filter(project_id=principal.project_id)
+    return qs
+
+
+def get_reservation_for_principal(
+    principal: Principal, reservation_id: str, *, lock: bool = False
+) -> Reservation:
+    """A reservation row inside the caller's scope (`lock`: FOR UPDATE); else 404."""
+    qs = reservations_for_principal(principal)
+    row = (qs.select_for_update() if lock else qs).filter(reservation_id=reservation_id).first()
+    if row is None:
+        raise _reservation_not_found()
+    return row
+
+
+def redis_reservation_for_principal(principal: Principal, reservation_id: str) -> bool:
+    """Whether Redis holds this reservation (True) or not (False: look in the database); the
+    same 404 as get_reservation_for_principal when it is another scope's."""
+    scope = counters.redis_reservation_scope(reservation_id)
+    if scope is None:
+        return False
+    if not principal.covers(*scope):
+        raise _reservation_not_found()
+    return True
 
 
 # --- limits --------------------------------------------------------------------------------------
@@ -113,6 +157,7 @@ class _Rules:
 RULES_TTL_SECONDS = 1.0
 _rules = _Rules()
 _rules_lock = threading.Lock()
+_rules_loaded_once = False
 
 
 def invalidate_rules() -> None:
@@ -138,15 +183,28 @@ def _load_rules(now: datetime) -> _Rules:
         fresh.everything.append(rule)
         column = SCOPE_COLUMNS.get(budget.scope, "")
         fresh.by_scope.setdefault((column, budget.scope_id), []).append(rule)
+    if tm_redis.configured() and CounterRebuild.objects.exists():
+        # Another process wrote usage straight to the database (Redis was unreachable to it):
+        # this one's next check rebuilds the counters first. Once per reload, not per request.
+        counters.rebuild_due = True
     return fresh
 
 
 def active_rules() -> _Rules:
-    global _rules
+    global _rules, _rules_loaded_once
     if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
         with _rules_lock:
             if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
-                _rules = _load_rules(timezone.now())
+                try:
+                    _rules = _load_rules(timezone.now())
+                    _rules_loaded_once = True
+                except unavailable.DATABASE_ERRORS as exc:
+                    # Database down: the last rules loaded still say which budgets usage counts
+                    # against (tried again after the TTL). Never loaded: nothing to go on (503).
+                    if not _rules_loaded_once:
+                        raise
+                    unavailable.note(exc, "budget rules")
+                    _rules.loaded_at = time.monotonic()
     return _rules
 
 
@@ -183,11 +241,13 @@ def current_totals(budget: Budget, window: Window, *, now: datetime) -> counters
     """Spent (including buffered usage) and held for one budget's window."""
     if tm_redis.available():
         try:
+            from budgets.services import counter_seed, counters_rebuild
+
+            if counters.rebuild_due:  # usage went straight to the database lately
+                counters_rebuild()
             counters.redis_sweep(limit=100)
             totals = counters.redis_totals(budget.pk, window)
             if totals is None:
-                from budgets.services import counter_seed
-
                 counter_seed(budget, window)
                 totals = counters.redis_totals(budget.pk, window)
             if totals is not None:

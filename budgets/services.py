@@ -17,7 +17,14 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from budgets import counters, selectors
-from budgets.models import DEFAULT_THRESHOLDS, Budget, BudgetPeriod, BudgetThreshold, Window
+from budgets.models import (
+    DEFAULT_THRESHOLDS,
+    Budget,
+    BudgetPeriod,
+    BudgetThreshold,
+    CounterRebuild,
+    Window,
+)
 from budgets.schemas import BudgetIn, BudgetPatchIn
 from tokenmgr_project import redis as tm_redis
 from usage.auth import Principal
@@ -135,9 +142,7 @@ def budget_has_spend(budget: Budget, *, now: datetime | None = None) -> bool:
     if BudgetPeriod.objects.filter(budget=budget, tokens_spent__gt=0).exists():
         return True
     totals = selectors.current_totals(budget, budget.window_at(now), now=now)
-    return bool(
-        totals.cost_micros or totals.tokens or totals.held_cost_micros or totals.held_tokens
-    )
+    return bool(totals.cost_units or totals.tokens or totals.held_cost_units or totals.held_tokens)
 
 
 def budget_update(
@@ -210,35 +215,94 @@ def budget_limits_changed(budget_id: int) -> None:
 
 
 def counter_seed(budget: Budget, window: Window) -> None:
-    """Load the ledger's (and the buffer's) total into a missing Redis counter."""
-    cost_micros, tokens, _requests = counters.snapshot(budget, window)
-    counters.redis_seed(budget, window, cost_micros, tokens)
+    """Load the ledger's (and the buffer's) exact total into a missing Redis counter (or wait
+    for the process seeding it)."""
+    counters.rebase([(budget, window)], existing=False)
+
+
+# Budgets rebased per locked transaction: the ledger's writers (the flush) wait for one batch.
+_REBASE_BATCH = 100
+# CounterRebuild rows handled per rebuild (more: the next check or beat run goes on).
+_REBUILD_ROWS = 1000
 
 
 def counters_reconcile(*, now: datetime | None = None) -> int:
-    """Raise any current-period counter that is below the ledger plus buffer (a seed that raced
-    an ingestion, or usage written straight to the database while Redis was unreachable).
-    Returns how many counters were corrected."""
+    """Set every active budget's current-period counter to the ledger plus buffer, exactly, in
+    both directions and without losing usage counted meanwhile (counters.rebase). Returns how
+    many counters were corrected. Nothing should ever need correcting now; a correction is
+    logged as a warning, so a drift shows up."""
     if not tm_redis.available():
         return 0
     now = now or timezone.now()
+    budgets = list(Budget.objects.filter(is_active=True).order_by("pk"))
     fixed = 0
-    budgets = list(Budget.objects.filter(is_active=True))
-    sums = {b.pk: counters.ledger_sums(b, b.window_at(now)) for b in budgets}
-    buffered = counters.buffered_rows()  # read after the ledger: see counters.snapshot
-    for budget in budgets:
-        window = budget.window_at(now)
-        cost_micros, tokens, _ = counters.snapshot(budget, window, buffered, ledger=sums[budget.pk])
-        if counters.redis_totals(budget.pk, window) is None:
-            counters.redis_seed(budget, window, cost_micros, tokens)
-            continue
-        dc, dt = counters.redis_raise(budget, window, cost_micros, tokens)
-        if dc or dt:
-            fixed += 1
-            logger.warning(
-                "budget %s counter was %s micro-USD / %s tokens short; corrected", budget.pk, dc, dt
-            )
+    for start in range(0, len(budgets), _REBASE_BATCH):
+        pairs = [(b, b.window_at(now)) for b in budgets[start : start + _REBASE_BATCH]]
+        for change in counters.rebase(pairs, existing=True):
+            if change.seeded:
+                continue
+            if change.cost_delta or change.tokens_delta:
+                fixed += 1
+                logger.warning(
+                    "budget %s counter was off by %s units of 1e-10 USD / %s tokens; corrected",
+                    change.budget_id,
+                    -change.cost_delta,
+                    -change.tokens_delta,
+                )
     return fixed
+
+
+def counters_rebuild() -> int:
+    """Rebase the counters that CounterRebuild rows name (usage written straight to the
+    database while Redis was unreachable), then delete those rows; returns how many counters
+    changed. Rows are read with the ledger frozen, so any usage they describe is in it, and a
+    direct write committed later leaves a row for the next rebuild."""
+    if not tm_redis.available():
+        return 0
+    counters.rebuild_due = False  # before reading: a direct write from now on sets it again
+    try:
+        with transaction.atomic():
+            counters.freeze_ledger()
+            rows = list(CounterRebuild.objects.order_by("pk")[:_REBUILD_ROWS])
+            if not rows:
+                return 0
+            named: dict[tuple[int, str], tuple[int, datetime]] = {}
+            for row in rows:
+                for budget_id, at in row.counters:
+                    occurred_at = datetime.fromisoformat(at)
+                    named.setdefault((int(budget_id), at), (int(budget_id), occurred_at))
+            found = Budget.objects.in_bulk({budget_id for budget_id, _at in named.values()})
+            pairs: dict[str, tuple[Budget, Window]] = {}
+            for budget_id, occurred_at in named.values():
+                budget = found.get(budget_id)
+                if budget is not None and budget.is_active:
+                    window = budget.window_at(occurred_at)
+                    pairs.setdefault(counters.counter_key(budget.pk, window), (budget, window))
+            changed = [
+                change
+                for start in range(0, len(pairs), _REBASE_BATCH)
+                for change in counters.rebase(
+                    list(pairs.values())[start : start + _REBASE_BATCH], existing=True
+                )
+                if change.cost_delta or change.tokens_delta
+            ]
+            CounterRebuild.objects.filter(pk__in=[row.pk for row in rows]).delete()
+            if len(rows) == _REBUILD_ROWS:
+                counters.rebuild_due = True
+    except BaseException:
+        counters.rebuild_due = True
+        raise
+    if changed:
+        logger.info("rebuilt %s budget counter(s) after usage written direct", len(changed))
+    return len(changed)
+
+
+def counters_rebuild_if_marked() -> int:
+    """The worker's frequent check: rebuild if any process wrote usage direct (one tiny
+    query when there is nothing to do)."""
+    if not tm_redis.available() or not CounterRebuild.objects.exists():
+        return 0
+    return counters_rebuild()
 
 
 def reservations_expire() -> int:

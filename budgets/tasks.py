@@ -58,8 +58,16 @@ def reservations_expire() -> int:
     autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=3, expires=60
 )
 def counters_reconcile() -> int:
-    """Raise Redis budget counters that fell below the ledger plus buffer; returns how many."""
+    """Set Redis budget counters to the ledger plus buffer exactly; returns how many were off."""
     return services.counters_reconcile()
+
+
+@shared_task(
+    autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=10, max_retries=3, expires=5
+)
+def counters_rebuild() -> int:
+    """Rebuild counters that usage written straight to the database skipped (Redis was down)."""
+    return services.counters_rebuild_if_marked()
 
 
 @shared_task(

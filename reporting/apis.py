@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from drf_spectacular.utils import extend_schema
+from pydantic import BaseModel
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -10,9 +11,15 @@ from reporting.actions import StatusIn
 from usage.apis import ActionView
 
 
+class StatusQueuedOut(BaseModel):
+    queued: bool
+
+
 class StatusApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "publish_status"}
 
-    @extend_schema(request=StatusIn, responses={202: dict}, summary="Publish a live status message")
+    @extend_schema(
+        request=StatusIn, responses={202: StatusQueuedOut}, summary="Publish a live status message"
+    )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))

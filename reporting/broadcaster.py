@@ -1,5 +1,6 @@
 """The live-status broadcaster (SPEC §8): drains the status queue and pushes batches, per
-conversation and category, to the conversation's Channels group.
+publisher scope, conversation and category, to the Channels groups of the conversation's viewers
+whose scope covers the publisher's.
 
 A batch leaves when it holds BATCH_SIZE messages or its oldest message has waited BATCH_WINDOW.
 With Redis it runs as its own process (`manage.py broadcast_status`); in the embedded default it
@@ -17,32 +18,44 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from reporting.services import BATCH_SIZE, BATCH_WINDOW, status_group, status_take
+from reporting.services import BATCH_SIZE, BATCH_WINDOW, status_take, status_viewer_groups
 
 logger = logging.getLogger(__name__)
 _TAKE = 500  # messages taken from the queue per poll
 _FALLBACK_EVERY = 1.0  # seconds between looks at the database queue when Redis is the queue
+# Wait after a failed tick: doubling from _BACKOFF_FIRST, at most _BACKOFF_MAX seconds, so an
+# outage costs a log line every few seconds and live status resumes soon after Redis does.
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
 
 
 class StatusBroadcaster:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
-        self.pending: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
+        # (team_id, project_id, conversation_id, category) → (oldest message's time, messages):
+        # two scopes' messages for one conversation id never share a batch.
+        self.pending: dict[tuple[str, str, str, str], tuple[float, list[dict[str, Any]]]] = {}
         self.sent_batches = 0
         self.fallback_checked = 0.0
 
     async def _send(
-        self, conversation_id: str, category: str, messages: list[dict[str, Any]]
+        self,
+        team_id: str,
+        project_id: str,
+        conversation_id: str,
+        category: str,
+        messages: list[dict[str, Any]],
     ) -> None:
-        await self.layer.group_send(
-            status_group(conversation_id),
-            {
-                "type": "status.batch",
-                "conversation_id": conversation_id,
-                "category": category,
-                "messages": messages,
-            },
-        )
+        event = {
+            "type": "status.batch",
+            "conversation_id": conversation_id,
+            "team_id": team_id,
+            "project_id": project_id,
+            "category": category,
+            "messages": messages,
+        }
+        for group in status_viewer_groups(conversation_id, team_id=team_id, project_id=project_id):
+            await self.layer.group_send(group, event)
         self.sent_batches += 1
 
     async def tick(self, *, flush_all: bool = False) -> int:
@@ -53,7 +66,9 @@ class StatusBroadcaster:
             self.fallback_checked = now
         taken = await database_sync_to_async(status_take)(_TAKE, include_fallback=fallback)
         for item in taken:
-            key = (item["conversation_id"], item["category"])
+            # Messages queued before they carried a scope count as organisation-wide.
+            scope = (item.get("team_id", ""), item.get("project_id", ""))
+            key = (*scope, item["conversation_id"], item["category"])
             started, messages = self.pending.get(key, (now, []))
             messages.append({"message": item["message"], "data": item["data"], "at": item["at"]})
             self.pending[key] = (started, messages)
@@ -73,14 +88,39 @@ class StatusBroadcaster:
         return len(taken)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Broadcast until `stop` is set. Never ends on an error: while Redis (the queue or the
+        channel layer) is down, each failed tick waits longer, up to _BACKOFF_MAX seconds, and
+        the batches not yet sent stay pending for the next try."""
         logger.info("status broadcaster running")
+        failures = 0
         while not stop.is_set():
             try:
                 taken = await self.tick()
-            except Exception:  # keep broadcasting: one bad tick must not end live status
-                logger.exception("status broadcaster tick failed")
-                taken = 0
+            except Exception as exc:  # keep broadcasting: Redis comes back, live status must too
+                failures += 1
+                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (failures - 1))
+                if failures == 1:
+                    logger.exception("status broadcaster tick failed; retrying with backoff")
+                else:
+                    logger.warning(
+                        "status broadcaster still failing (%d in a row: %r); next try in %.1f s",
+                        failures,
+                        exc,
+                        delay,
+                    )
+                await _wait(stop, delay)
+                continue
+            if failures:
+                logger.warning("status broadcaster recovered after %d failed ticks", failures)
+                failures = 0
             if not taken:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=BATCH_WINDOW / 4)
-        await self.tick(flush_all=True)
+                await _wait(stop, BATCH_WINDOW / 4)
+        try:
+            await self.tick(flush_all=True)
+        except Exception:  # stopping anyway: what could not be sent is lost with the process
+            logger.exception("status broadcaster could not send its last batches")
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -8,6 +8,7 @@ import logging
 import threading
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from reporting.models import QueuedStatus, StatusCategory
@@ -39,9 +40,19 @@ def dropped_key() -> str:
     return tm_redis.key("status", "dropped")
 
 
-def status_group(conversation_id: str) -> str:
-    """The Channels group of a conversation (group names allow only a few ASCII characters)."""
-    return "status." + hashlib.sha1(conversation_id.encode()).hexdigest()
+def status_group(conversation_id: str, *, team_id: str, project_id: str) -> str:
+    """The Channels group of a conversation's viewers whose scope is this team/project ("" for
+    none: global keys and staff are ("", "")). Group names allow only a few ASCII characters."""
+    raw = "\x1f".join((team_id, project_id, conversation_id))
+    return "status." + hashlib.sha1(raw.encode()).hexdigest()
+
+
+def status_viewer_groups(conversation_id: str, *, team_id: str, project_id: str) -> list[str]:
+    """Every viewer group that may see a message published in this team/project scope: the
+    viewers of the same scope, of its team, of its project and global ones (the rule of
+    Principal.covers), so one conversation id used by two projects never merges their feeds."""
+    scopes = {("", ""), (team_id, ""), ("", project_id), (team_id, project_id)}
+    return [status_group(conversation_id, team_id=t, project_id=p) for t, p in sorted(scopes)]
 
 
 class _LocalDrops:
@@ -60,12 +71,25 @@ local_drops = _LocalDrops()
 
 
 def status_publish(
-    *, conversation_id: str, category: str, message: str, data: dict[str, Any] | None = None
+    *,
+    conversation_id: str,
+    category: str,
+    message: str,
+    team_id: str,
+    project_id: str,
+    data: dict[str, Any] | None = None,
 ) -> None:
     """Queue one status message for the broadcaster. Never blocks on a slow consumer: the queue
-    is bounded and drops its oldest messages, counting them."""
+    is bounded and drops its oldest messages, counting them.
+
+    `team_id`/`project_id` are the scope of whoever publishes (or of the usage or budget the
+    message is about; "" and "" for organisation-wide): only viewers whose scope covers it
+    receive the message.
+    """
     payload = {
         "conversation_id": conversation_id,
+        "team_id": team_id,
+        "project_id": project_id,
         "category": StatusCategory(category).value,
         "message": message,
         "data": data or {},
@@ -91,8 +115,11 @@ def status_take(limit: int, *, include_fallback: bool = True) -> list[dict[str, 
     """
     if not tm_redis.configured():
         return _take_from_database(limit)
-    taken = _take_from_database(limit) if include_fallback else []
-    raw: Any = tm_redis.client().rpop(queue_key(), limit)
+    # The database's messages are removed only if taking Redis's works too: a failed RPOP
+    # rolls the deletion back instead of losing them.
+    with transaction.atomic():
+        taken = _take_from_database(limit) if include_fallback else []
+        raw: Any = tm_redis.client().rpop(queue_key(), limit)
     return taken + [json.loads(item) for item in raw or []]
 
 

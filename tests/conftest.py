@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 from budgets import alerts as budget_alerts
 from budgets import selectors as budget_selectors
 from tokenmgr_project import redis as tm_redis
+from tokenmgr_project import unavailable
 from usage import pricing, services
 from usage.auth import key_cache
 from usage.models import ApiKey, TokenUsage
@@ -146,6 +147,7 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
         except tm_redis.REDIS_ERRORS as exc:
             pytest.fail(f"Redis at {settings.REDIS_URL} is unreachable: {exc}")
     tm_redis.reset()
+    unavailable.reset()  # a database outage simulated by an earlier test is over
     key_cache.clear()
     pricing.overrides.invalidate()
     services._config_cache = None
@@ -153,3 +155,79 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
     budget_alerts._soon_last.clear()
     yield
     tm_redis.reset()
+
+
+# --- more personas (authorisation matrix) --------------------------------------------------------
+
+
+@dataclass
+class StaffSession(Persona):
+    """A logged-in staff user; `user` is the Django user."""
+
+    user: Any = None
+
+
+def _staff_persona(
+    django_user_model: Any, name: str, perms: tuple[str, ...], *, superuser: bool = False
+) -> StaffSession:
+    from django.contrib.auth.models import Permission
+
+    # No password (force_login needs none): hashing one costs more than the rest of a test.
+    if superuser:
+        user = django_user_model.objects.create_superuser(name, f"{name}@example.com", None)
+    else:
+        user = django_user_model.objects.create_user(name, f"{name}@example.com", is_staff=True)
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    client = APIClient()
+    client.force_login(user)
+    return StaffSession(name, client, user=user)
+
+
+# What "staff with view permission" holds: the admin's view permissions on the models the API reads.
+VIEW_PERMISSIONS = (
+    "usage.view_tokenusage",
+    "usage.view_modelprice",
+    "budgets.view_budget",
+    "budgets.view_budgetoverride",
+    "budgets.view_agentprofile",
+)
+
+
+@pytest.fixture
+def revoked(db: None) -> Persona:
+    """A global key that has been revoked."""
+    persona = _key_persona("revoked", scope="global")
+    assert persona.key is not None
+    services.api_key_revoke(key=persona.key)
+    return persona
+
+
+@pytest.fixture
+def staff_noperm(db: None, django_user_model: Any) -> StaffSession:
+    """A staff user without any permission: may log in to the admin, sees nothing there."""
+    return _staff_persona(django_user_model, "staff_noperm", ())
+
+
+@pytest.fixture
+def staff_viewer(db: None, django_user_model: Any) -> StaffSession:
+    """A staff user with the view permissions (usage, prices, budgets, overrides, agents)."""
+    return _staff_persona(django_user_model, "staff_viewer", VIEW_PERMISSIONS)
+
+
+@pytest.fixture
+def approver(db: None, django_user_model: Any) -> StaffSession:
+    """A staff user who decides budget overrides (and may view budgets and their overrides)."""
+    return _staff_persona(
+        django_user_model,
+        "approver",
+        (
+            "budgets.approve_budgetoverride",
+            "budgets.view_budget",
+            "budgets.view_budgetoverride",
+            "budgets.add_budgetoverride",
+        ),
+    )

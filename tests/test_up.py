@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,70 +12,31 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.conf import settings
 from websockets.sync.client import connect
 
 from tests.conftest import child_database_url
+from tests.processes import ROOT, RedisServer, Up
 from usage import services
 from usage.models import TokenUsage
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _call(
-    url: str, body: dict[str, Any] | None = None, key: str = ""
-) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    request.add_header("Content-Type", "application/json")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {"DATABASE_URL": child_database_url(), "TOKENMGR_DATA_DIR": str(tmp_path)}
+    env["REDIS_URL"] = settings.REDIS_URL
+    return env
 
 
 def test_up_starts_the_whole_system_and_usage_reaches_the_ledger(tmp_path: Path) -> None:
     services.manager_config_update(flush_interval=1.0)
     _key, raw = services.api_key_create(name="e2e", scope="global")
-    port = _free_port()
-    env = {**os.environ, "DATABASE_URL": child_database_url(), "TOKENMGR_DATA_DIR": str(tmp_path)}
-    env["REDIS_URL"] = settings.REDIS_URL
-    up = subprocess.Popen(
-        [sys.executable, "manage.py", "up", "--port", str(port), "--workers", "1"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}/api/v1"
+    up = Up(_env(tmp_path), "--workers", "1")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                status, health = _call(f"{base}/health")
-                break
-            except OSError:
-                time.sleep(0.3)
-        else:
-            up.terminate()
-            pytest.fail(
-                "the server never answered /api/v1/health: " + up.communicate(timeout=30)[0][-3000:]
-            )
-        assert (status, health["status"]) == (200, "ok")
+        up.wait_healthy()
         body = {
             "request_id": "e2e-1",
             "provider": "openai",
@@ -82,31 +44,112 @@ def test_up_starts_the_whole_system_and_usage_reaches_the_ledger(tmp_path: Path)
             "input_tokens": 10,
             "output_tokens": 5,
         }
-        assert _call(f"{base}/usage", body, raw)[0] == 201
+        assert up.api("usage", body, raw)[0] == 201
         deadline = time.monotonic() + 30  # buffered mode: beat and the worker flush it
         while (
             not TokenUsage.objects.filter(request_id="e2e-1").exists()
             and time.monotonic() < deadline
         ):
             time.sleep(0.3)
-        listed = _call(f"{base}/usage", key=raw)[1]["results"]
+        listed = up.api("usage", key=raw)[1]["results"]
         assert [r["request_id"] for r in listed] == ["e2e-1"]
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=10
-        ) as css:
+        with urllib.request.urlopen(f"{up.base}/static/admin/css/base.css", timeout=10) as css:
             assert css.status == 200
         with connect(
-            f"ws://127.0.0.1:{port}/ws/status/e2e-conv/",
+            f"ws://127.0.0.1:{up.port}/ws/status/e2e-conv/",
             additional_headers={"Authorization": f"Bearer {raw}"},
-            origin=f"http://127.0.0.1:{port}",  # AllowedHostsOriginValidator wants an Origin
+            origin=up.base,  # AllowedHostsOriginValidator wants an Origin
             open_timeout=10,
         ) as websocket:
             status_body = {"conversation_id": "e2e-conv", "category": "progress", "message": "hi"}
-            assert _call(f"{base}/status", status_body, raw)[0] == 202
+            assert up.api("status", status_body, raw)[0] == 202
             batch = json.loads(websocket.recv(timeout=10))
         assert (batch["category"], batch["messages"][0]["message"]) == ("progress", "hi")
     finally:
-        up.send_signal(signal.SIGTERM)
-        output = up.communicate(timeout=40)[0]
-    assert up.returncode == 0, output
-    assert "Admin:" in output
+        code = up.stop()
+    assert code == 0, up.output()
+    assert "Admin:" in up.output()
+
+
+def test_it_restarts_a_crashed_child_and_stops_only_when_asked(tmp_path: Path) -> None:
+    up = Up(_env(tmp_path), "--workers", "1")
+    try:
+        up.wait_healthy()
+        crashed = {
+            name: up.child(word) for name, word in [("beat", " beat "), ("server-1", "serve")]
+        }
+        for pid in crashed.values():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(re.findall(r"up: restarted ", up.output())) < 2:
+            time.sleep(0.2)
+        output = up.output()
+        for name in crashed:
+            assert re.search(
+                rf"up: {name} exited with code -9 after .*; restarting it in 1 s", output
+            )
+            assert f"up: restarted {name} " in output, output[-3000:]
+        assert up.process.poll() is None  # a crash never stops the whole system
+        up.wait_healthy(30)  # the server is back on the same port
+        again = up.child(" beat ")
+        assert again != crashed["beat"]
+        os.kill(again, signal.SIGKILL)  # crashing again soon: the backoff doubles
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "restarting it in 2 s" not in up.output():
+            time.sleep(0.2)
+        assert re.search(
+            r"up: beat exited with code -9 after .*; restarting it in 2 s", up.output()
+        )
+    finally:
+        code = up.stop()
+    assert code == 0, up.output()
+    assert "stopping everything" in up.output()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(
+    ("appendonly", "volatile_ok", "says"),
+    [
+        (True, "false", "Redis persistence: appendonly yes, appendfsync everysec"),
+        (
+            False,
+            "false",
+            "WARNING: Redis does not persist (appendonly no, appendfsync everysec): "
+            "usage is NOT buffered",
+        ),
+        (
+            False,
+            "true",
+            "WARNING: Redis does not persist (appendonly no, appendfsync everysec) and "
+            "TOKENMGR_BUFFER_VOLATILE_OK=true accepts the risk",
+        ),
+    ],
+    ids=["aof-on", "volatile", "volatile-accepted"],
+)
+def test_it_says_at_start_up_whether_the_buffer_survives_a_redis_crash(
+    tmp_path: Path, appendonly: bool, volatile_ok: str, says: str
+) -> None:
+    server = RedisServer(tmp_path, appendonly=appendonly)
+    server.start()
+    with socket.socket() as taken:  # an occupied port: up stops right after its checks
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **_env(tmp_path),
+            "REDIS_URL": server.url(),
+            "TOKENMGR_BUFFER_VOLATILE_OK": volatile_ok,
+        }
+        try:
+            done = subprocess.run(
+                [sys.executable, "manage.py", "up", "--port", str(taken.getsockname()[1])],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            server.stop()
+    assert done.returncode == 1
+    assert says in done.stderr, done.stderr

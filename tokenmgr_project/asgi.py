@@ -37,6 +37,7 @@ from django.http.request import split_domain_port, validate_host  # noqa: E402
 
 from reporting.routing import websocket_urlpatterns  # noqa: E402
 from tokenmgr_project import redis as tm_redis  # noqa: E402
+from tokenmgr_project import unavailable  # noqa: E402
 
 Message = dict[str, Any]
 
@@ -160,6 +161,9 @@ class WsgiBridge:
             code, payload, extra = fast_action(action, authorization, body)
         except SynchronousOnlyOperation:
             raise  # on the event loop only: _call_inline runs it again in the pool
+        except unavailable.DATABASE_ERRORS as exc:  # fast_action maps its own; this is the net
+            unavailable.note(exc, action)
+            code, payload, extra = 503, unavailable.body(), unavailable.HEADERS
         except Exception:
             logger.exception("Internal Server Error: %s", action)
             code, payload, extra = _SERVER_ERROR

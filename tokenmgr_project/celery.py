@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from celery import Celery
+from celery.worker.consumer import Consumer
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tokenmgr_project.settings")
+logger = logging.getLogger(__name__)
+
+
+class ResilientConsumer(Consumer):
+    """Celery's worker consumer, made to survive a Redis broker dying while the worker holds
+    messages (a running acks-late task, or one waiting for its countdown).
+
+    On a lost connection Celery 5.7 first `collect()`s the broken kombu connection, which
+    detaches its transport (`transport.client = None`), then `close()`s it. Closing the default
+    channel restores the unacknowledged messages, which builds a Redis pool from the detached
+    transport: `AttributeError: 'NoneType' object has no attribute 'hostname'`. That is not a
+    connection error, so it escapes Celery's `ignore_errors` and ends the worker. Nothing needs
+    that close: the socket is gone, and the unacknowledged messages stay in Redis's `unacked`
+    hash, from which kombu restores them after the visibility timeout (our tasks are idempotent).
+    The rest of the method only acts when worker_cancel_long_running_tasks_on_connection_loss is
+    on, which settings.py keeps off.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError:
+            logger.warning("broker connection lost (%r); reconnecting without a clean close", exc)
+
 
 app = Celery("tokenmgr")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -47,10 +73,16 @@ app.conf.beat_schedule = {
     # Checks sweep expired holds as they run; this frees them on budgets nobody is checking, so
     # status pages show no stale "reserved" for longer than about 10 s past a reservation's TTL.
     "budgets-reservations-expire": {"task": "budgets.tasks.reservations_expire", "schedule": 10.0},
-    # Counters only drift when a seed races an ingestion or usage went straight to the database
-    # while Redis was unreachable. Each run sums every active budget's current period in the
-    # ledger, so five minutes bounds that drift without re-reading the ledger constantly.
+    # Seeds, usage and rebuilds keep counters exact, so this is a safety net that logs any drift
+    # and corrects it both ways (e.g. usage recorded by a process whose budget rules were up to
+    # a second old). Each run sums every active budget's current period in the ledger while
+    # holding off ledger writes, so every five minutes, not constantly.
     "budgets-counters-reconcile": {"task": "budgets.tasks.counters_reconcile", "schedule": 300.0},
+    # Usage written straight to the database while Redis was unreachable leaves a CounterRebuild
+    # row. The process that wrote it, and every process at its next rules reload (1 s), rebuild
+    # before their next check; this covers processes with no checks. One indexed EXISTS when
+    # there is nothing to do, so every two seconds costs nothing and keeps the window short.
+    "budgets-counters-rebuild": {"task": "budgets.tasks.counters_rebuild", "schedule": 2.0},
     # Limit checks already ignore an approved override past its expiry; this only flips its status
     # and drops cached limits, so a minute keeps the admin's queue and history honest cheaply.
     "budgets-expire-overrides": {

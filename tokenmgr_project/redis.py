@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -68,9 +69,10 @@ def trip() -> None:
 
 
 def reset() -> None:
-    global _open_until, _tripped_at
+    global _open_until, _tripped_at, _persistence
     _open_until = 0.0
     _tripped_at = float("-inf")
+    _persistence = None
 
 
 _shas: dict[str, str] = {}
@@ -126,3 +128,109 @@ def ping() -> bool:
         return bool(client().ping())
     except REDIS_ERRORS:
         return False
+
+
+# --- persistence: may acknowledged usage wait in Redis? ---------------------------------------
+
+# How long one process trusts what it read about Redis's persistence. A failure in between
+# (a restarted Redis may run with another configuration) makes it read again.
+PERSISTENCE_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """What Redis says about its persistence. `appendfsync` is None when only INFO could be read
+    (CONFIG renamed or disabled, as on managed Redis); everything is None when neither could."""
+
+    appendonly: bool | None
+    appendfsync: str | None
+    aof_write_ok: bool | None
+    source: str  # "config", "info" or "unknown"
+
+    @property
+    def durable(self) -> bool:
+        """Does an acknowledged write survive a Redis process crash? With the AOF on, Redis has
+        written it to the file before it replies (unless a disk too slow for everysec makes it
+        postpone writes, up to 2 s); appendfsync decides what a power loss takes (everysec: up
+        to a second)."""
+        return self.appendonly is True and self.aof_write_ok is not False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "durable": self.durable}
+
+
+_persistence: Persistence | None = None
+_persistence_until = 0.0
+_persistence_trip = float("-inf")  # _tripped_at when _persistence was read
+
+
+def persistence(*, refresh: bool = False) -> Persistence:
+    """Redis's persistence, read at most once per PERSISTENCE_TTL and again after a failure
+    (one round trip: CONFIG GET and INFO persistence pipelined). Raises REDIS_ERRORS."""
+    global _persistence, _persistence_until, _persistence_trip
+    found = _persistence
+    if (
+        refresh
+        or found is None
+        or time.monotonic() >= _persistence_until
+        or _persistence_trip != _tripped_at
+    ):
+        tripped = _tripped_at
+        found = _read_persistence()
+        _persistence, _persistence_trip = found, tripped
+        _persistence_until = time.monotonic() + PERSISTENCE_TTL
+    return found
+
+
+def _read_persistence() -> Persistence:
+    with client().pipeline(transaction=False) as pipe:
+        pipe.config_get("append*")
+        pipe.info("persistence")
+        config, info = pipe.execute(raise_on_error=False)
+    for reply in (config, info):
+        if isinstance(reply, REDIS_ERRORS):
+            raise reply
+    info = info if isinstance(info, dict) else {}
+    write_status = info.get("aof_last_write_status")
+    write_ok = None if write_status is None else write_status == "ok"
+    if isinstance(config, dict) and "appendonly" in config:
+        return Persistence(
+            appendonly=config["appendonly"] == "yes",
+            appendfsync=config.get("appendfsync"),
+            aof_write_ok=write_ok,
+            source="config",
+        )
+    if "aof_enabled" in info:  # CONFIG is renamed or not allowed: INFO still tells the AOF
+        return Persistence(
+            appendonly=bool(int(info["aof_enabled"])),
+            appendfsync=None,
+            aof_write_ok=write_ok,
+            source="info",
+        )
+    return Persistence(appendonly=None, appendfsync=None, aof_write_ok=None, source="unknown")
+
+
+def buffer_allowed() -> bool:
+    """May ingestion acknowledge usage that waits in the Redis buffer? Only when Redis persists
+    it, or TOKENMGR_BUFFER_VOLATILE_OK accepts losing it in a Redis crash. Called per request:
+    a cached answer, one round trip per PERSISTENCE_TTL; an unreachable Redis answers False
+    (and trips the breaker), so the caller writes to the database."""
+    if settings.TOKENMGR_BUFFER_VOLATILE_OK:
+        return True
+    found = _persistence
+    if found is None or time.monotonic() >= _persistence_until or _persistence_trip != _tripped_at:
+        try:
+            found = persistence(refresh=True)
+        except REDIS_ERRORS:
+            trip()
+            return False
+    return found.durable
+
+
+def persistence_report() -> dict[str, Any]:
+    """For /health and `up`: Redis's persistence read afresh, and whether ingestion buffers in
+    it (`buffered`: durable, or volatile and accepted by TOKENMGR_BUFFER_VOLATILE_OK).
+    Raises REDIS_ERRORS."""
+    found = persistence(refresh=True)
+    volatile_ok = settings.TOKENMGR_BUFFER_VOLATILE_OK
+    return {**found.as_dict(), "volatile_ok": volatile_ok, "buffered": found.durable or volatile_ok}

@@ -103,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A database outage in a non-DRF view (admin): 503 + Retry-After, JSON error shape.
+    "tokenmgr_project.unavailable.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "tokenmgr_project.urls"
@@ -146,6 +148,9 @@ else:
     # Same backend; its per-request health check polls the socket instead of running SELECT 1.
     DATABASES["default"]["ENGINE"] = "tokenmgr_project.db.postgresql"
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A database host that stops answering would otherwise hang each connection attempt for the
+    # OS TCP timeout (minutes); with it an outage is a prompt 503 (tokenmgr_project.unavailable).
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 3)
     DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -155,6 +160,17 @@ if REDIS_URL and urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
     raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} is not a redis:// URL")
 # Every Redis key this service writes starts with this, so tests and tenants can share a server.
 REDIS_KEY_PREFIX = env_str("TOKENMGR_REDIS_PREFIX", "tokenmgr")
+# Usage is acknowledged once it is in the Redis buffer, so the buffer is only used on a Redis that
+# persists it (appendonly yes). On a volatile Redis ingestion writes straight to the database,
+# unless this explicitly accepts that a Redis crash loses what was acknowledged but not flushed.
+# Only the words true/false are accepted: a typo must not quietly decide about durability.
+_volatile_ok_raw = os.environ.get("TOKENMGR_BUFFER_VOLATILE_OK", "")
+if _volatile_ok_raw.strip().lower() not in {"", "true", "false"}:
+    raise ImproperlyConfigured(
+        f"TOKENMGR_BUFFER_VOLATILE_OK={_volatile_ok_raw!r} must be true or false (true accepts "
+        "losing acknowledged usage if a Redis without persistence crashes)"
+    )
+TOKENMGR_BUFFER_VOLATILE_OK = _volatile_ok_raw.strip().lower() == "true"
 
 # --- Usage ingestion (runtime-adjustable copies live in usage.ManagerConfig) ---
 TOKENMGR_BUFFER_SIZE = env_int("TOKENMGR_BUFFER_SIZE", 100, minimum=1, maximum=100_000)
@@ -185,6 +201,24 @@ if not REDIS_URL:
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
+else:
+    # A Redis outage must not end the worker or beat: keep reconnecting (at start-up too, so
+    # `up` restarting a worker while Redis is still down does not crash-loop it), forever.
+    CELERY_BROKER_CONNECTION_RETRY = True
+    CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+    CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # A dead or unreachable Redis is noticed in seconds, not at the OS's TCP timeout.
+        "socket_connect_timeout": 3,
+        "socket_timeout": 10,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
+    # Survives kombu's close-after-collect bug on a lost connection (see celery.py).
+    CELERY_WORKER_CONSUMER = "tokenmgr_project.celery:ResilientConsumer"
+    CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# No result backend: every task ignores its result, so Redis holds no task state but the queue.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -210,12 +244,13 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["usage.auth.IsPrincipal"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # DRF's JSONParser reading through usage.parsers.load_json (depth limit, as the fast path).
+    "DEFAULT_PARSER_CLASSES": ["usage.parsers.JsonParser"],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "tokenmgr_project.openapi.ActionSchema",
     "EXCEPTION_HANDLER": "usage.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
@@ -229,6 +264,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Valid OpenAPI 3.0.3 and every error answer documented (tests/test_schemathesis.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "tokenmgr_project.openapi.postprocess",
+    ],
 }
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -45,22 +45,46 @@ class Action:
     handler: Handler
     description: str
     staff_or_global: bool
+    staff_perms: tuple[str, ...]  # Django permissions a staff session needs (keys: their scope)
 
 
 REGISTRY: dict[str, Action] = {}
 M = TypeVar("M", bound=BaseModel)
 
+# staff_perm of an action that touches no model's rows (token counting, price quotes).
+ANY_STAFF: tuple[str, ...] = ()
+VIEW_USAGE = "usage.view_tokenusage"
+
 
 def action(
-    name: str, description: str, *, staff_or_global: bool = False
+    name: str, description: str, *, staff_perm: str | tuple[str, ...], staff_or_global: bool = False
 ) -> Callable[[Handler], Handler]:
+    """Register an action. `staff_perm` is required, so no action can forget to say which Django
+    permission(s) a staff session needs for it: the same ones the admin asks for."""
+
     def register(handler: Handler) -> Handler:
         if name in REGISTRY:
             raise RuntimeError(f"action {name!r} registered twice")
-        REGISTRY[name] = Action(name, handler, description, staff_or_global)
+        perms = (staff_perm,) if isinstance(staff_perm, str) else tuple(staff_perm)
+        REGISTRY[name] = Action(name, handler, description, staff_or_global, perms)
         return handler
 
     return register
+
+
+def require_staff_perms(principal: Principal, perms: tuple[str, ...], what: str) -> None:
+    """403 naming what a staff session lacks; API keys pass (their scope governs them)."""
+    if not principal.is_staff:
+        return
+    missing = [p for p in perms if not principal.has_perm(p)]
+    if missing:
+        raise ApiError(
+            f"{what} needs the {' and '.join(missing)} permission"
+            f"{'s' if len(missing) > 1 else ''}.",
+            status_code=403,
+            code="permission_denied",
+            fields={"permission": missing},
+        )
 
 
 def run(name: str, principal: Principal, data: Any) -> Outcome:
@@ -77,16 +101,44 @@ def run(name: str, principal: Principal, data: Any) -> Outcome:
             status_code=403,
             code="permission_denied",
         )
+    if principal.is_staff:  # keys (the hot path) skip the call
+        require_staff_perms(principal, entry.staff_perms, name)
     return entry.handler(principal, data)
+
+
+NUL_MESSAGE = "Must not contain NUL characters (\\u0000): the database cannot store them."
+
+
+def nul_fields(value: Any, path: str = "") -> list[str]:
+    """Dotted paths of the strings in `value` holding a NUL (PostgreSQL text refuses it)."""
+    if isinstance(value, str):
+        return [path or "non_field_errors"] if "\x00" in value else []
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return []
+    found: list[str] = []
+    for key, child in items:
+        where = f"{path}.{key}" if path else str(key)
+        found += [where] if isinstance(key, str) and "\x00" in key else nul_fields(child, where)
+    return found
 
 
 def validate(schema: type[M], data: Any) -> M:
     if not isinstance(data, dict):
         raise ApiError("Invalid input.", fields={"non_field_errors": ["Expected a JSON object."]})
     try:
-        return schema.model_validate(data)
+        params = schema.model_validate(data)
     except ValidationError as exc:
         raise ApiError("Invalid input.", fields=pydantic_field_errors(exc)) from None
+    # Checked on every action's input (ingestion checks events itself, usage.schemas): a NUL
+    # that reached a write or a lookup would be a 500 from the database.
+    bad = nul_fields(data)
+    if bad:
+        raise ApiError("Invalid input.", fields={path: [NUL_MESSAGE] for path in bad})
+    return params
 
 
 # --- usage -------------------------------------------------------------------------------------
@@ -134,7 +186,11 @@ def usage_out(row: TokenUsage) -> dict[str, Any]:
     }
 
 
-@action("track_usage", "Record one LLM request's usage (SPEC §4 usage event).")
+@action(
+    "track_usage",
+    "Record one LLM request's usage (SPEC §4 usage event).",
+    staff_perm="usage.add_tokenusage",
+)
 def track_usage(principal: Principal, data: Any) -> Outcome:
     result = services.usage_ingest(principal=principal, events=[data])[0]
     if result.status == "rejected":
@@ -144,7 +200,11 @@ def track_usage(principal: Principal, data: Any) -> Outcome:
     return Outcome(body, status=200 if result.status == "duplicate" else 201)
 
 
-@action("track_usage_batch", "Record up to 1,000 usage events; one result per event.")
+@action(
+    "track_usage_batch",
+    "Record up to 1,000 usage events; one result per event.",
+    staff_perm="usage.add_tokenusage",
+)
 def track_usage_batch(principal: Principal, data: Any) -> Outcome:
     events = data.get("events") if isinstance(data, dict) else data
     if isinstance(data, dict) and set(data) - {"events"}:
@@ -180,20 +240,32 @@ def track_usage_batch(principal: Principal, data: Any) -> Outcome:
     )
 
 
-@action("get_usage", "List usage newest first, filtered by any dimension and time range.")
+@action(
+    "get_usage",
+    "List usage newest first, filtered by any dimension and time range.",
+    staff_perm=VIEW_USAGE,
+)
 def get_usage(principal: Principal, data: Any) -> Outcome:
     params = data if isinstance(data, dict) else {}
     rows, next_cursor = selectors.usage_list(principal=principal, params=params)
     return Outcome({"results": [usage_out(r) for r in rows], "next_cursor": next_cursor})
 
 
-@action("get_usage_summary", "Totals grouped by dimensions and by hour/day/week/month.")
+@action(
+    "get_usage_summary",
+    "Totals grouped by dimensions and by hour/day/week/month.",
+    staff_perm=VIEW_USAGE,
+)
 def get_usage_summary(principal: Principal, data: Any) -> Outcome:
     params = data if isinstance(data, dict) else {}
     return Outcome(selectors.usage_summary(principal=principal, params=params))
 
 
-@action("get_status", "Health: database and Redis reachability, buffer depth, last flush.")
+@action(
+    "get_status",
+    "Health: database and Redis reachability, buffer depth, last flush.",
+    staff_perm=ANY_STAFF,  # the same as the public GET /health
+)
 def get_status(principal: Principal, data: Any) -> Outcome:
     body = selectors.health_snapshot()
     return Outcome(body, status=200 if body["database"]["reachable"] else 503)
@@ -202,7 +274,11 @@ def get_status(principal: Principal, data: Any) -> Outcome:
 # --- tokens ------------------------------------------------------------------------------------
 
 
-@action("tokenize", "Count tokens of a text or chat messages with the model's encoding.")
+@action(
+    "tokenize",
+    "Count tokens of a text or chat messages with the model's encoding.",
+    staff_perm=ANY_STAFF,
+)
 def tokenize(principal: Principal, data: Any) -> Outcome:
     params = validate(TokenizeIn, data)
     if (params.text is None) == (params.messages is None):
@@ -223,7 +299,7 @@ def tokenize(principal: Principal, data: Any) -> Outcome:
     )
 
 
-@action("truncate", "Trim text to at most max_tokens, on a token boundary.")
+@action("truncate", "Trim text to at most max_tokens, on a token boundary.", staff_perm=ANY_STAFF)
 def truncate(principal: Principal, data: Any) -> Outcome:
     params = validate(TruncateIn, data)
     choice = tokenizer.encoding_for_model(params.model)
@@ -278,13 +354,17 @@ def _quote(provider: str, model: str, params: QuoteIn | CompareIn) -> dict[str, 
     }
 
 
-@action("quote_price", "Cost of one request's token volumes on one model.")
+@action("quote_price", "Cost of one request's token volumes on one model.", staff_perm=ANY_STAFF)
 def quote_price(principal: Principal, data: Any) -> Outcome:
     params = validate(QuoteIn, data)
     return Outcome(_quote(params.provider, params.model, params))
 
 
-@action("compare_prices", "The same token volumes on several models, cheapest first.")
+@action(
+    "compare_prices",
+    "The same token volumes on several models, cheapest first.",
+    staff_perm=ANY_STAFF,
+)
 def compare_prices(principal: Principal, data: Any) -> Outcome:
     params = validate(CompareIn, data)
     refs = [m if isinstance(m, ModelRef) else ModelRef(model=m) for m in params.models]
@@ -316,7 +396,11 @@ def price_override_out(row: ModelPrice) -> dict[str, Any]:
     }
 
 
-@action("get_pricing", "The price catalogue (genai-prices) and the active overrides.")
+@action(
+    "get_pricing",
+    "The price catalogue (genai-prices) and the active overrides.",
+    staff_perm="usage.view_modelprice",
+)
 def get_pricing(principal: Principal, data: Any) -> Outcome:
     params = data if isinstance(data, dict) else {}
     provider = str(params.get("provider") or "").lower()
@@ -346,6 +430,8 @@ def get_pricing(principal: Principal, data: Any) -> Outcome:
 @action(
     "update_pricing",
     "Create or replace a price override (global key or staff).",
+    # An override is a new row, or replaces the one with the same effective_from.
+    staff_perm=("usage.add_modelprice", "usage.change_modelprice"),
     staff_or_global=True,
 )
 def update_pricing(principal: Principal, data: Any) -> Outcome:
@@ -364,7 +450,10 @@ def update_pricing(principal: Principal, data: Any) -> Outcome:
 
 
 @action(
-    "configure_manager", "Change run-time settings (global key or staff).", staff_or_global=True
+    "configure_manager",
+    "Change run-time settings (global key or staff).",
+    staff_perm="usage.change_managerconfig",
+    staff_or_global=True,
 )
 def configure_manager(principal: Principal, data: Any) -> Outcome:
     params = validate(ConfigureIn, data)

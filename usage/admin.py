@@ -3,14 +3,19 @@ from __future__ import annotations
 from typing import Any, cast
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from usage import pricing, services
-from usage.models import ApiKey, ManagerConfig, ModelPrice, TokenUsage
+from tokenmgr_project import redis as tm_redis
+from usage import pricing, selectors, services
+from usage.errors import ApiError
+from usage.models import ApiKey, DeadLetter, ManagerConfig, ModelPrice, TokenUsage
 
 # The admin never counts a large ledger: it counts at most this many matching rows.
 COUNT_CAP = 10_000
@@ -28,6 +33,7 @@ class CappedCountPaginator(Paginator):
 class TokenUsageAdmin(admin.ModelAdmin):
     list_display = (
         "request_id",
+        "tenant",
         "occurred_at",
         "provider",
         "model",
@@ -46,8 +52,9 @@ class TokenUsageAdmin(admin.ModelAdmin):
         "price_source",
         "estimated",
     )
+    # A request id may be used by several tenants (it is unique per tenant): the list shows each.
     search_fields = ("=request_id",)
-    search_help_text = "Exact request id."
+    search_help_text = "Exact request id (every tenant's)."
     ordering = ("-occurred_at", "-id")
     paginator = CappedCountPaginator
     show_full_result_count = False
@@ -65,6 +72,68 @@ class TokenUsageAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):
+    """One page, read from Redis: the flush's dead letters, with replay and discard for staff
+    holding the change permission (usage.services.usage_dead_letter_replay / _discard)."""
+
+    def get_urls(self) -> list[URLPattern]:
+        # Only the list: there is no row to add, open or delete.
+        name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            if not self.has_change_permission(request):
+                raise PermissionDenied
+            try:
+                self._act(request, request.POST.get("action", ""), request.POST.getlist("ids"))
+            except tm_redis.REDIS_ERRORS:
+                messages.error(request, "Redis is unreachable: nothing was changed.")
+            return HttpResponseRedirect(request.get_full_path())
+        try:
+            letters = selectors.usage_dead_letters(limit=500)
+        except tm_redis.REDIS_ERRORS:
+            letters = []
+            messages.error(request, "Redis is unreachable: dead letters cannot be listed now.")
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Dead letters",
+            "letters": letters,
+            "can_change": self.has_change_permission(request),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/usage/deadletter/change_list.html", context)
+
+    def _act(self, request: HttpRequest, action: str, ids: list[str]) -> None:
+        if not ids or action not in ("replay", "discard"):
+            messages.warning(request, "Select dead letters, then Replay or Discard.")
+            return
+        try:
+            if action == "discard":
+                removed = services.usage_dead_letter_discard(ids=ids)
+                messages.success(request, f"Discarded {removed} dead letter(s).")
+                return
+            result = services.usage_dead_letter_replay(ids=ids)
+        except ApiError as exc:
+            messages.error(request, f"{exc.message} {exc.fields}")
+            return
+        messages.success(request, f"Replayed {len(result.replayed)} dead letter(s).")
+        for dead_id, error in result.failed.items():
+            messages.error(request, f"{dead_id} is still refused: {error}")
 
 
 @admin.register(ApiKey)

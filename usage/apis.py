@@ -2,48 +2,62 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlencode
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from rest_framework import exceptions, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from tokenmgr_project import (
+    openapi,  # noqa: F401  (registers the request-body schema extension)
+    unavailable,
+)
 from usage import actions
 from usage.auth import BEARER_CHALLENGE, principal_for, principal_for_bearer
 from usage.errors import ApiError, body_too_large_error, error_body, validation_error
+from usage.parsers import load_json
 from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
     QuoteIn,
     TokenizeIn,
     TruncateIn,
-    UsageBatchIn,
     UsageEventIn,
 )
-from usage.selectors import FILTER_FIELDS
+from usage.selectors import (
+    FILTER_FIELDS,
+    GROUP_FIELDS,
+    INTERVALS,
+    MAX_FILTER_LENGTH,
+    MAX_PAGE,
+    MAX_QUERY_LENGTH,
+    MAX_SUMMARY_ROWS,
+    MAX_TIME_LENGTH,
+    query_text,
+)
 
 _RESERVED_QUERY = {"format"}
 
 
 def _query(request: Request) -> dict[str, Any]:
+    """The query string as action input. Every value is checked as body strings are (no
+    control characters, bounded length): each GET endpoint answers 400 for what the database
+    could not compare, whatever its action does with the value."""
     params: dict[str, Any] = {}
     for name in request.query_params:
         if name in _RESERVED_QUERY:
             continue
         values = request.query_params.getlist(name)
-        params[name] = ",".join(values) if name == "group_by" else values[-1]
+        value = ",".join(values) if name == "group_by" else values[-1]
+        params[name] = query_text(name, value)
     return params
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class ActionView(APIView):
@@ -81,6 +95,11 @@ class ActionView(APIView):
             response[name] = value
         return response
 
+    def action_description(self, method: str) -> str:
+        """What the action behind `method` does (the OpenAPI operation's description)."""
+        entry = actions.REGISTRY.get(self.actions_by_method.get(method, ""))
+        return entry.description if entry else ""
+
     def _run(self, request: Request, method: str, data: Any) -> Response:
         outcome = actions.run(self.actions_by_method[method], principal_for(request), data)
         return Response(outcome.body, status=outcome.status)
@@ -102,10 +121,7 @@ def fast_action(
     """
     try:
         principal = principal_for_bearer(authorization)
-        try:
-            data = json.loads(raw_body, parse_constant=_reject_constant)
-        except ValueError as exc:  # the same words as DRF's JSONParser
-            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+        data = load_json(raw_body)
         outcome = actions.run(name, principal, data)
     except ApiError as exc:
         return exc.status_code, exc.body(), {}
@@ -114,6 +130,11 @@ def fast_action(
         if exc.status_code == status.HTTP_401_UNAUTHORIZED:
             headers["WWW-Authenticate"] = BEARER_CHALLENGE
         return exc.status_code, error_body(exc, exc.status_code), headers
+    except unavailable.DATABASE_ERRORS as exc:
+        # Known keys, rules and prices are served from cache and usage is buffered while the
+        # database is down; only what needs it (an unknown key, say) arrives here.
+        unavailable.note(exc, name)
+        return 503, unavailable.body(), dict(unavailable.HEADERS)
     return outcome.status, outcome.body, {}
 
 
@@ -134,13 +155,238 @@ def _json(body: dict[str, Any], status_code: int) -> JsonResponse:
     )
 
 
+# The query parameters as usage.selectors checks them (`query_text`): the schema is the truth.
+_NO_CONTROL_CHARS = "^[^\\x00-\\x1f\\x7f]*$"
+
+
+def _text(max_length: int = MAX_QUERY_LENGTH) -> dict[str, Any]:
+    return {"type": "string", "maxLength": max_length, "pattern": _NO_CONTROL_CHARS}
+
+
+_TIME = {"type": "string", "format": "date-time", "maxLength": MAX_TIME_LENGTH}
 _filters_doc = [
-    OpenApiParameter(name, str, description=f"Only usage with this {name}.")
+    OpenApiParameter(name, _text(MAX_FILTER_LENGTH), description=f"Only usage with this {name}.")
     for name in FILTER_FIELDS
 ] + [
-    OpenApiParameter("since", str, description="ISO 8601, inclusive."),
-    OpenApiParameter("until", str, description="ISO 8601, exclusive."),
+    OpenApiParameter("since", _TIME, description="Inclusive. UTC offset within ±15:59."),
+    OpenApiParameter("until", _TIME, description="Exclusive; after since."),
 ]
+
+
+# --- response bodies (STYLE 6b): what the actions answer, as the schema's components ----------
+
+Money = Annotated[str, Field(description="A decimal amount as text, in `currency`.")]
+FieldMessages = dict[str, list[str]]
+
+
+class UsageProvenanceOut(BaseModel):
+    parent_request_id: str
+    root_request_id: str
+    relationship: str
+    intent: str
+    input_hash: str
+    output_hash: str
+    cache_hit: bool | None
+
+
+class UsageOut(BaseModel):
+    request_id: str
+    occurred_at: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    total_tokens: int
+    cost: Money
+    currency: str
+    price_source: str
+    price_ref: str
+    unpriced: bool
+    estimated: bool
+    team_id: str
+    project_id: str
+    user_id: str
+    feature: str
+    agent: str
+    task_type: str
+    conversation_id: str
+    workflow_id: str
+    status: str
+    error_type: str
+    latency_ms: int | None
+    metadata: dict[str, Any]
+    reservation_id: str
+    provenance: UsageProvenanceOut
+
+
+class UsageListOut(BaseModel):
+    results: list[UsageOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    next: str | None = Field(description="The next page's URL.")
+
+
+class TrackedOut(BaseModel):
+    request_id: str | None
+    duplicate: bool = Field(description="Already recorded in this tenant: not counted again.")
+    cost: Money | None = None
+    currency: str | None = None
+    unpriced: bool | None = None
+
+
+class BatchItemOut(BaseModel):
+    index: int
+    request_id: str | None
+    status: Literal["created", "duplicate", "rejected"]
+    errors: FieldMessages | None = Field(None, description="Why a rejected event was refused.")
+    duplicate: bool | None = None
+    cost: Money | None = None
+    currency: str | None = None
+    unpriced: bool | None = None
+
+
+class BatchOut(BaseModel):
+    created: int
+    duplicates: int
+    rejected: int
+    results: list[BatchItemOut]
+
+
+class SummaryRowOut(BaseModel):
+    """One group: the `group_by` dimensions (and `period`) as keys, then the totals."""
+
+    model_config = ConfigDict(extra="allow")
+
+    period: str | None = None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    total_tokens: int
+    cost: Money
+    unpriced_requests: int
+    errors: int
+
+
+class SummaryOut(BaseModel):
+    group_by: list[str]
+    interval: str | None
+    tz: str
+    currency: str
+    rows: list[SummaryRowOut]
+    truncated: bool = Field(description=f"More than {MAX_SUMMARY_ROWS} groups: the rest is cut.")
+
+
+class TokenizeOut(BaseModel):
+    model: str
+    encoding: str
+    estimated: bool = Field(description="The model's encoding is a guess (unknown model).")
+    tokens: int
+
+
+class TruncateOut(TokenizeOut):
+    text: str
+    original_tokens: int
+    truncated: bool
+
+
+class PriceOverrideOut(BaseModel):
+    id: int
+    provider: str
+    model: str
+    input_per_mtok: Money
+    output_per_mtok: Money
+    cache_read_per_mtok: Money | None
+    cache_write_per_mtok: Money | None
+    effective_from: str
+    note: str
+
+
+class PriceOverrideSetOut(PriceOverrideOut):
+    created: bool
+
+
+class CatalogueEntryOut(BaseModel):
+    provider: str
+    model: str
+    name: str
+    context_window: int | None
+    input_per_mtok: Money | None
+    output_per_mtok: Money | None
+    cache_read_per_mtok: Money | None
+    cache_write_per_mtok: Money | None
+    tiered: bool
+    currency: str
+    source: str
+    ref: str
+
+
+class PricingOut(BaseModel):
+    catalogue_version: str
+    currency: str
+    overrides: list[PriceOverrideOut]
+    catalogue: list[CatalogueEntryOut]
+
+
+class QuoteOut(BaseModel):
+    provider: str
+    model: str
+    cost: Money
+    input_cost: Money
+    output_cost: Money
+    currency: str
+    unpriced: bool
+    price_source: str
+    price_ref: str
+    context_window: int | None
+
+
+class ComparedOut(QuoteOut):
+    vs_cheapest: Money | None = Field(None, description="Absent for unpriced models.")
+
+
+class CompareOut(BaseModel):
+    currency: str
+    results: list[ComparedOut] = Field(description="Cheapest first; unpriced models last.")
+
+
+class SignalOut(BaseModel):
+    type: str
+    result: dict[str, Any] = Field(description="The action's own answer (its endpoint's body).")
+
+
+class UsageBatchEnvelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="UsageBatch")
+
+    events: Annotated[
+        list[Any],
+        Field(
+            min_length=1,
+            max_length=1000,
+            description="Usage events (UsageEventIn). Each is validated on its own: an invalid "
+            "one is answered in `results` (rejected) while the valid ones are stored.",
+        ),
+    ]
+
+
+class UsageBatchBody(
+    RootModel[UsageBatchEnvelope | Annotated[list[Any], Field(min_length=1, max_length=1000)]]
+):
+    """`{"events": [...]}` or the bare list of events."""
+
+
+def _signal_types(schema: dict[str, Any]) -> None:
+    # Computed when the document is generated: every app has registered its actions by then.
+    schema["properties"]["type"]["enum"] = sorted(actions.REGISTRY)
+
+
+class SignalIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_signal_types)
+
+    type: str = Field(description="An action name; `data` is that action's input.")
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class UsageApi(ActionView):
@@ -148,8 +394,18 @@ class UsageApi(ActionView):
     fast_post = True
 
     @extend_schema(
-        parameters=[*_filters_doc, OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
-        responses={200: dict},
+        parameters=[
+            *_filters_doc,
+            OpenApiParameter(
+                "cursor",
+                {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9_-]*$"},
+                description="`next_cursor` of the previous page.",
+            ),
+            OpenApiParameter(
+                "limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}
+            ),
+        ],
+        responses={200: UsageListOut},
         summary="List usage (keyset-paginated)",
     )
     def get(self, request: Request) -> Response:
@@ -165,7 +421,9 @@ class UsageApi(ActionView):
         return response
 
     @extend_schema(
-        request=UsageEventIn, responses={201: dict, 200: dict}, summary="Track one request's usage"
+        request=UsageEventIn,
+        responses={201: TrackedOut, 200: TrackedOut},
+        summary="Track one request's usage",
     )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
@@ -175,7 +433,9 @@ class UsageBatchApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "track_usage_batch"}
     fast_post = True
 
-    @extend_schema(request=UsageBatchIn, responses={200: dict}, summary="Track up to 1,000 events")
+    @extend_schema(
+        request=UsageBatchBody, responses={200: BatchOut}, summary="Track up to 1,000 events"
+    )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
 
@@ -186,11 +446,19 @@ class UsageSummaryApi(ActionView):
     @extend_schema(
         parameters=[
             *_filters_doc,
-            OpenApiParameter("group_by", str, description="Comma-separated dimensions."),
-            OpenApiParameter("interval", str, enum=["hour", "day", "week", "month"]),
-            OpenApiParameter("tz", str, description="IANA time zone for interval buckets."),
+            OpenApiParameter(
+                "group_by",
+                {"type": "array", "items": {"type": "string", "enum": list(GROUP_FIELDS)}},
+                style="form",
+                explode=False,
+                description="Comma-separated dimensions.",
+            ),
+            OpenApiParameter("interval", str, enum=list(INTERVALS)),
+            OpenApiParameter(
+                "tz", _text(64), description="IANA time zone for interval buckets (UTC)."
+            ),
         ],
-        responses={200: dict},
+        responses={200: SummaryOut},
         summary="Usage totals grouped by dimensions and time",
     )
     def get(self, request: Request) -> Response:
@@ -210,7 +478,7 @@ class HealthApi(APIView):
 class TokenizeApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "tokenize"}
 
-    @extend_schema(request=TokenizeIn, responses={200: dict}, summary="Count tokens")
+    @extend_schema(request=TokenizeIn, responses={200: TokenizeOut}, summary="Count tokens")
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
 
@@ -218,7 +486,9 @@ class TokenizeApi(ActionView):
 class TruncateApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "truncate"}
 
-    @extend_schema(request=TruncateIn, responses={200: dict}, summary="Trim text to max_tokens")
+    @extend_schema(
+        request=TruncateIn, responses={200: TruncateOut}, summary="Trim text to max_tokens"
+    )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
 
@@ -228,17 +498,19 @@ class PricingApi(ActionView):
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("provider", str),
-            OpenApiParameter("model", str, description="Substring."),
+            OpenApiParameter("provider", _text()),
+            OpenApiParameter("model", _text(), description="Substring."),
         ],
-        responses={200: dict},
+        responses={200: PricingOut},
         summary="Price catalogue and overrides",
     )
     def get(self, request: Request) -> Response:
         return self._run(request, "get", _query(request))
 
     @extend_schema(
-        request=PriceOverrideIn, responses={201: dict, 200: dict}, summary="Set a price override"
+        request=PriceOverrideIn,
+        responses={201: PriceOverrideSetOut, 200: PriceOverrideSetOut},
+        summary="Set a price override",
     )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
@@ -247,7 +519,7 @@ class PricingApi(ActionView):
 class QuoteApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "quote_price"}
 
-    @extend_schema(request=QuoteIn, responses={200: dict}, summary="Price one request")
+    @extend_schema(request=QuoteIn, responses={200: QuoteOut}, summary="Price one request")
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
 
@@ -256,14 +528,18 @@ class CompareApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "compare_prices"}
 
     @extend_schema(
-        request=CompareIn, responses={200: dict}, summary="Compare models, cheapest first"
+        request=CompareIn, responses={200: CompareOut}, summary="Compare models, cheapest first"
     )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
 
 
 class SignalsApi(APIView):
-    @extend_schema(request=dict, responses={200: dict}, summary="Run an action by name")
+    @extend_schema(
+        request=SignalIn,
+        responses={200: SignalOut, 201: SignalOut, 202: SignalOut},
+        summary="Run an action by name",
+    )
     def post(self, request: Request) -> Response:
         envelope = request.data
         if not isinstance(envelope, dict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +14,11 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 
+from tokenmgr_project import redis as tm_redis
+from tokenmgr_project import unavailable
 from usage.models import ApiKey
+
+logger = logging.getLogger(__name__)
 
 # A looked-up key is trusted for this long per process; revoking through the service clears the
 # local copy at once, other processes notice within this many seconds.
@@ -30,6 +36,10 @@ class Principal:
     key_id: int | None = None
     user_id: int | None = None
     is_staff: bool = False
+    # A staff user's Django permissions ("app_label.codename"); the API grants staff what the
+    # admin would (usage.actions.run checks them). A superuser holds every permission.
+    permissions: frozenset[str] = frozenset()
+    is_superuser: bool = False
 
     is_authenticated = True
 
@@ -47,43 +57,180 @@ class Principal:
     def for_key(cls, key: ApiKey) -> Principal:
         return cls(scope=key.scope, team_id=key.team_id, project_id=key.project_id, key_id=key.pk)
 
+    @property
+    def tenant(self) -> str:
+        """Whose request_ids these are: idempotency is per tenant, a project key's, a team
+        key's, or the organisation's (global keys and staff). README "How ingestion stays
+        exact"."""
+        if self.scope == ApiKey.Scope.PROJECT:
+            return f"p:{self.team_id}/{self.project_id}"
+        if self.scope == ApiKey.Scope.TEAM:
+            return f"t:{self.team_id}"
+        return "org"
+
+    def has_perm(self, perm: str) -> bool:
+        """A staff user's Django permission; keys are governed by their scope, not by these."""
+        return self.is_superuser or perm in self.permissions
+
+    def covers(self, team_id: str, project_id: str) -> bool:
+        """Whether a row attributed to this team/project is inside the caller's scope: the
+        one-row form of usage.selectors.usage_for_principal (global keys and staff: all)."""
+        return (not self.team_id or self.team_id == team_id) and (
+            not self.project_id or self.project_id == project_id
+        )
+
     @classmethod
     def for_staff(cls, user: Any) -> Principal:
-        return cls(scope=ApiKey.Scope.GLOBAL, user_id=user.pk, is_staff=True)
+        superuser = bool(user.is_active and user.is_superuser)
+        return cls(
+            scope=ApiKey.Scope.GLOBAL,
+            user_id=user.pk,
+            is_staff=True,
+            # get_all_permissions() is cached on the user object: one query per request at most.
+            permissions=frozenset() if superuser else frozenset(user.get_all_permissions()),
+            is_superuser=superuser,
+        )
+
+
+# While the database is unreachable a key is still accepted if it was validated recently: from
+# a short-lived copy of its principal in Redis (written at each database lookup, so any process
+# can use it) or else this process's own last lookup. The bound limits how long a key revoked
+# while Redis was unreachable (so its copy could not be removed) may still pass during an outage.
+KEY_OUTAGE_SECONDS = 600
+# During an outage the database is tried again for a key at most this often per process.
+KEY_OUTAGE_RETRY_SECONDS = 1.0
+_REVOKED = b"revoked"
+# The copy is written unless the key's revocation marker is there: a lookup that read the key
+# just before it was revoked cannot bring the copy back after the revocation removed it.
+_SHARE = """
+if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
+def _shared_key(key_hash: str) -> str:
+    return tm_redis.key("apikey", key_hash)
 
 
 class _KeyCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        # key hash -> (trusted until, principal or None, when the database last answered for it)
+        self._entries: dict[str, tuple[float, Principal | None, float]] = {}
         self._last_used: dict[int, float] = {}
+        self.clock = time.monotonic  # tests move time instead of sleeping through TTLs
 
     def get(self, key_hash: str) -> Principal | None:
-        now = time.monotonic()
+        now = self.clock()
         entry = self._entries.get(key_hash)
         if entry is not None and entry[0] > now:
             principal = entry[1]
         else:
-            key = ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).first()
+            try:
+                key = ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).first()
+            except unavailable.DATABASE_ERRORS as exc:
+                return self._last_known(key_hash, entry, now, exc)
             principal = Principal.for_key(key) if key else None
-            with self._lock:
-                if len(self._entries) > 10_000:
-                    self._entries.clear()
-                self._entries[key_hash] = (now + KEY_CACHE_SECONDS, principal)
+            self._put(key_hash, (now + KEY_CACHE_SECONDS, principal, now))
+            if principal is not None:
+                _share(key_hash, principal)
         key_id = principal.key_id if principal is not None else None
         if key_id is not None and now - self._last_used.get(key_id, 0.0) > LAST_USED_WRITE_SECONDS:
             self._last_used[key_id] = now
-            ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
+            try:
+                ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
+            except unavailable.DATABASE_ERRORS as exc:  # bookkeeping only: the request goes on
+                unavailable.note(exc, "api key last_used_at")
+        return principal
+
+    def _put(self, key_hash: str, entry: tuple[float, Principal | None, float]) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[key_hash] = entry
+
+    def _last_known(
+        self,
+        key_hash: str,
+        entry: tuple[float, Principal | None, float] | None,
+        now: float,
+        exc: Exception,
+    ) -> Principal | None:
+        """The database is unreachable: answer from what was last known about this key, or
+        re-raise (the caller answers 503) when nothing recent is known. A refusal wins: this
+        process's own "unknown or revoked", then Redis's revocation marker."""
+        recent = entry is not None and now - entry[2] <= KEY_OUTAGE_SECONDS
+        if recent and entry is not None and entry[1] is None:
+            return None
+        found, answered = _shared(key_hash)
+        if answered:
+            principal = found
+        elif recent and entry is not None:
+            principal = entry[1]
+        else:
+            raise exc
+        # A copy from Redis is not this process's own validation: it never extends the bound.
+        validated_at = entry[2] if entry is not None else float("-inf")
+        self._put(key_hash, (now + KEY_OUTAGE_RETRY_SECONDS, principal, validated_at))
         return principal
 
     def forget(self, key_hash: str) -> None:
         with self._lock:
             self._entries.pop(key_hash, None)
 
+    def revoke(self, key_hash: str) -> None:
+        """Drop every cached copy of a revoked key: this process's, and the shared one in Redis
+        (replaced by a marker that outlives any copy, so an outage cannot bring the key back)."""
+        now = self.clock()
+        self._put(key_hash, (now + KEY_CACHE_SECONDS, None, now))
+        if not tm_redis.configured():
+            return
+        try:
+            tm_redis.client().set(_shared_key(key_hash), _REVOKED, ex=2 * KEY_OUTAGE_SECONDS)
+        except tm_redis.REDIS_ERRORS:
+            logger.warning(
+                "Redis unreachable: the revoked key's shared copy expires within %d s",
+                KEY_OUTAGE_SECONDS,
+            )
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._last_used.clear()
+
+
+def _share(key_hash: str, principal: Principal) -> None:
+    """Keep a short-lived copy of a validated key's principal in Redis for outages."""
+    if not tm_redis.available():
+        return
+    copy = json.dumps(
+        [principal.scope, principal.team_id, principal.project_id, principal.key_id],
+        separators=(",", ":"),
+    )
+    try:
+        tm_redis.run_script(
+            _SHARE, [_shared_key(key_hash)], [copy, KEY_OUTAGE_SECONDS, _REVOKED.decode()]
+        )
+    except tm_redis.REDIS_ERRORS:
+        tm_redis.trip()
+
+
+def _shared(key_hash: str) -> tuple[Principal | None, bool]:
+    """(principal or None, whether Redis knew the key: a copy, or its revocation marker)."""
+    if not tm_redis.available():
+        return None, False
+    try:
+        raw: bytes | None = tm_redis.client().get(_shared_key(key_hash))  # type: ignore[assignment]
+    except tm_redis.REDIS_ERRORS:
+        tm_redis.trip()
+        return None, False
+    if raw is None:
+        return None, False
+    if raw == _REVOKED:
+        return None, True
+    scope, team_id, project_id, key_id = json.loads(raw)
+    return Principal(scope=scope, team_id=team_id, project_id=project_id, key_id=key_id), True
 
 
 key_cache = _KeyCache()

@@ -1,10 +1,12 @@
 """The durable ingestion buffer: a Redis Stream read through one consumer group.
 
 Each stream entry is one accepted API call's new events: `n`, and `rows`, their COPY text lines
-(`usage.rows`) joined by newlines. Adding is one Lua script that claims each request_id (SET NX) and
-appends only the unclaimed ones, so concurrent repeats are told apart atomically. Entries stay
-pending until the rows are committed; acknowledging is another script that XACKs, XDELs and lowers
-the depth counter only for entries not acknowledged before, so a re-claimed entry is counted once.
+(`usage.rows`) joined by newlines, and `v`, the line format (absent: lines from before the tenant
+column). Adding is one Lua script that claims each (tenant, request_id) (SET NX) and appends only
+the unclaimed ones, so concurrent repeats are told apart atomically. Entries stay pending until
+the rows are committed; acknowledging is another script that XACKs, XDELs and lowers the depth
+counter only for entries not acknowledged before, so a re-claimed entry is counted once, and that
+parks the entries' lines the database refused in the dead-letter stream in the same step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import redis
 
 from tokenmgr_project import redis as tm_redis
+from usage import rows as rows_codec
 
 GROUP = "flushers"
 
@@ -28,11 +31,21 @@ local rows = {}
 local pos = 4 + 2 * n
 local openz = ARGV[pos]
 pos = pos + 1
+-- Last two: the team and project the recording key is limited to ('' = any). Another scope's
+-- reservation is answered exactly like an unknown one: it can be neither settled nor probed.
+local hteam, hproject = ARGV[#ARGV - 1], ARGV[#ARGV]
+local function foreign(rsv)
+  if hteam == '' and hproject == '' then
+    return false
+  end
+  local s = redis.call('HMGET', rsv, 'team', 'project')
+  return (hteam ~= '' and s[1] ~= hteam) or (hproject ~= '' and s[2] ~= hproject)
+end
 for i = 1, n do
   local rsv, cost, tokens, k = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])
   local first = pos + 4
   pos = first + k
-  if rsv ~= '' and redis.call('EXISTS', rsv) == 0 then
+  if rsv ~= '' and (redis.call('EXISTS', rsv) == 0 or foreign(rsv)) then
     flags[i] = 2
   elseif redis.call('SET', ARGV[1] .. ARGV[3 + i], '1', 'NX', 'EX', ARGV[2]) then
     flags[i] = 1
@@ -41,8 +54,10 @@ for i = 1, n do
       local r = redis.call('HMGET', rsv, 'keys', 'hc', 'ht', 'status')
       if r[4] == 'open' then
         for key in string.gmatch(r[1] or '', '[^,]+') do
-          redis.call('HINCRBY', key, 'hc', -tonumber(r[2]))
-          redis.call('HINCRBY', key, 'ht', -tonumber(r[3]))
+          -- Negate the integer string itself: tonumber is a double, inexact past 2^53 ("-0" is
+          -- no integer to HINCRBY, hence the zero case).
+          redis.call('HINCRBY', key, 'hc', r[2] == '0' and '0' or '-' .. r[2])
+          redis.call('HINCRBY', key, 'ht', r[3] == '0' and '0' or '-' .. r[3])
         end
         redis.call('HSET', rsv, 'status', 'settled', 'request_id', ARGV[3 + i])
         redis.call('ZREM', openz, rsv)
@@ -61,7 +76,7 @@ for i = 1, n do
 end
 local depth = 0
 if #rows > 0 then
-  redis.call('XADD', KEYS[1], '*', 'n', #rows, 'rows', table.concat(rows, '\n'))
+  redis.call('XADD', KEYS[1], '*', 'n', #rows, 'rows', table.concat(rows, '\n'), 'v', '2')
   depth = redis.call('INCRBY', KEYS[2], #rows)
 else
   depth = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -71,11 +86,22 @@ return flags
 """
 
 _ACK = r"""
+-- ARGV: group, #entries, then (entry id, events) per entry, then (entry id, line, error, time)
+-- per dead letter. A dead letter is parked only with its entry's first acknowledgement.
 local events = 0
-for i = 2, #ARGV, 2 do
+local acked = {}
+local last = 2 + 2 * tonumber(ARGV[2])
+for i = 3, last, 2 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('XDEL', KEYS[1], ARGV[i])
     events = events + tonumber(ARGV[i + 1])
+    acked[ARGV[i]] = true
+  end
+end
+for i = last + 1, #ARGV, 4 do
+  if acked[ARGV[i]] then
+    redis.call('XADD', KEYS[3], '*', 'entry', ARGV[i], 'line', ARGV[i + 1], 'error', ARGV[i + 2],
+      'at', ARGV[i + 3])
   end
 end
 if events > 0 then
@@ -111,6 +137,16 @@ def dedupe_prefix() -> str:
     return tm_redis.key("usage", "rid") + ":"
 
 
+def claim_prefix(tenant: str) -> str:
+    """Prefix of a tenant's claim keys. The tenant's length goes first, so no (tenant,
+    request_id) pair can spell another's key ("p:a/b" + "c:1" vs "p:a/b:c" + "1")."""
+    return f"{dedupe_prefix()}{len(tenant)}:{tenant}:"
+
+
+def dead_key() -> str:
+    return tm_redis.key("usage", "dead")
+
+
 def stats_key() -> str:
     return tm_redis.key("usage", "flush")
 
@@ -134,10 +170,11 @@ NEW, DUPLICATE, UNKNOWN_RESERVATION = 1, 0, 2
 @dataclass(frozen=True, slots=True)
 class Counting:
     """What a new event also does, atomically with being buffered: settle its reservation (a
-    Redis key, or '') and add its cost (micro-units) and tokens to each seeded counter key."""
+    Redis key, or '') and add its cost (budgets.counters units: 1e-10 USD, exact) and tokens to
+    each seeded counter key."""
 
     reservation_key: str = ""
-    cost_micros: int = 0
+    cost_units: int = 0
     tokens: int = 0
     counter_keys: tuple[str, ...] = ()
 
@@ -151,23 +188,30 @@ def add(
     ttl_seconds: int,
     counting: list[Counting] | None = None,
     open_reservations_key: str = "",
+    *,
+    tenant: str,
+    holder: tuple[str, str] = ("", ""),
 ) -> tuple[list[int], int]:
-    """Claim and buffer events. Returns (NEW / DUPLICATE / UNKNOWN_RESERVATION per event, buffered
-    depth after the add). An event naming an unknown reservation is neither claimed nor stored."""
-    args: list[Any] = [dedupe_prefix(), ttl_seconds, len(request_ids), *request_ids, *payloads]
+    """Claim and buffer one tenant's events. Returns (NEW / DUPLICATE / UNKNOWN_RESERVATION per
+    event, buffered depth after the add). An event naming an unknown reservation, or one made
+    outside `holder` (the team and project the recording key is limited to, '' = any), is
+    neither claimed nor stored."""
+    args: list[Any] = [claim_prefix(tenant), ttl_seconds, len(request_ids), *request_ids, *payloads]
     args.append(open_reservations_key)
     for item in counting or [_NOTHING] * len(request_ids):
-        args.extend((item.reservation_key, item.cost_micros, item.tokens, len(item.counter_keys)))
+        args.extend((item.reservation_key, item.cost_units, item.tokens, len(item.counter_keys)))
         args.extend(item.counter_keys)
+    args.extend(holder)
     result = tm_redis.run_script(_ADD, [stream_key(), depth_key()], args)
     depth = int(result[-1])
     return [int(flag) for flag in result[:-1]], depth
 
 
-def release(request_ids: list[str]) -> None:
+def release(tenant: str, request_ids: list[str]) -> None:
     """Forget claims for events that were not buffered after all (used on rollback paths)."""
     if request_ids:
-        tm_redis.run_script(_RELEASE, args=[dedupe_prefix() + rid for rid in request_ids])
+        prefix = claim_prefix(tenant)
+        tm_redis.run_script(_RELEASE, args=[prefix + rid for rid in request_ids])
 
 
 def _entries(raw: list[Any]) -> list[Entry]:
@@ -176,9 +220,10 @@ def _entries(raw: list[Any]) -> list[Entry]:
         if not fields:  # deleted while pending: nothing left to write
             entries.append(Entry(entry_id.decode(), 0, []))
             continue
-        entries.append(
-            Entry(entry_id.decode(), int(fields[b"n"]), fields[b"rows"].decode().split("\n"))
-        )
+        lines = fields[b"rows"].decode().split("\n")
+        if b"v" not in fields:  # buffered by a server from before the tenant column
+            lines = [rows_codec.upgrade_legacy_line(line) for line in lines]
+        entries.append(Entry(entry_id.decode(), int(fields[b"n"]), lines))
     return entries
 
 
@@ -201,14 +246,87 @@ def reclaim(consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
     return _entries(claimed_reply[1])
 
 
-def ack(entries: list[Entry]) -> int:
-    """Acknowledge committed entries; returns how many events left the buffer."""
+@dataclass(frozen=True, slots=True)
+class DeadLine:
+    """A line of a buffered entry that the database refused on its own."""
+
+    entry_id: str
+    line: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    dead_id: str
+    entry_id: str
+    line: str
+    error: str
+    parked_at: str
+
+    @property
+    def tenant(self) -> str:
+        return rows_codec.line_key(self.line)[0] if "\t" in self.line else ""
+
+    @property
+    def request_id(self) -> str:
+        return rows_codec.line_request_id(self.line)
+
+
+def ack(entries: list[Entry], dead: list[DeadLine] | None = None, parked_at: str = "") -> int:
+    """Acknowledge committed entries, parking their `dead` lines (atomically, once per entry);
+    returns how many events left the buffer."""
     if not entries:
         return 0
-    args: list[Any] = [GROUP]
+    args: list[Any] = [GROUP, len(entries)]
     for entry in entries:
         args.extend((entry.entry_id, entry.count))
-    return int(tm_redis.run_script(_ACK, [stream_key(), depth_key()], args))
+    for item in dead or ():
+        args.extend((item.entry_id, item.line, item.error, parked_at))
+    return int(tm_redis.run_script(_ACK, [stream_key(), depth_key(), dead_key()], args))
+
+
+def _dead_letters(raw: list[Any]) -> list[DeadLetter]:
+    return [
+        DeadLetter(
+            dead_id.decode(),
+            fields[b"entry"].decode(),
+            fields[b"line"].decode(),
+            fields[b"error"].decode(),
+            fields[b"at"].decode(),
+        )
+        for dead_id, fields in raw
+        if fields
+    ]
+
+
+def dead_letters(count: int = 1000, ids: list[str] | None = None) -> list[DeadLetter]:
+    """Parked lines, oldest first: all (up to `count`), or those of the given ids."""
+    client = tm_redis.client()
+    if ids is None:
+        raw: Any = client.xrange(dead_key(), count=count)
+        return _dead_letters(raw)
+    with client.pipeline(transaction=False) as pipe:
+        for dead_id in ids:
+            pipe.xrange(dead_key(), min=dead_id, max=dead_id)
+        found: list[Any] = pipe.execute()
+    return _dead_letters([item for items in found for item in items])
+
+
+def dead_remove(ids: list[str]) -> int:
+    if not ids:
+        return 0
+    return int(tm_redis.client().xdel(dead_key(), *ids))
+
+
+def dead_summary() -> tuple[int, DeadLetter | None]:
+    """(how many lines are parked, the oldest)."""
+    client = tm_redis.client()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.xlen(dead_key())
+        pipe.xrange(dead_key(), count=1)
+        count, first = pipe.execute()
+    oldest = _dead_letters(first)
+    return int(count), oldest[0] if oldest else None
 
 
 def depth() -> int:

@@ -10,6 +10,8 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from tokenmgr_project import unavailable
+
 FieldErrors = dict[str, list[str]]
 
 
@@ -114,6 +116,11 @@ def error_body(exc: exceptions.APIException, status_code: int) -> dict[str, Any]
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApiError):
         return Response(exc.body(), status=exc.status_code)
+    if isinstance(exc, unavailable.DATABASE_ERRORS):
+        # What the caches and the buffer could not answer without the database: retry later.
+        request = context.get("request")
+        unavailable.note(exc, request.path if request is not None else "api")
+        return Response(unavailable.body(), status=503, headers=unavailable.HEADERS)
     if isinstance(exc, ValidationError):
         err = validation_error(pydantic_field_errors(exc))
         return Response(err.body(), status=err.status_code)

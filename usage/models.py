@@ -32,6 +32,9 @@ class TokenUsage(models.Model):
         OVERRIDE = "override", "ModelPrice override"
         UNPRICED = "unpriced", "no price known"
 
+    # Whose request_id this is (unique per tenant): "p:<team>/<project>" for a project key,
+    # "t:<team>" for a team key, "org" for a global key or staff (usage.auth.Principal.tenant).
+    tenant = models.CharField(max_length=300, default="org")
     request_id = models.CharField(max_length=128)
     occurred_at = models.DateTimeField()
     received_at = models.DateTimeField()
@@ -82,7 +85,10 @@ class TokenUsage(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["request_id"], name="usage_request_id_unique"),
+            # Idempotency, per tenant; also serves the ledger duplicate check (_ids_in_ledger).
+            models.UniqueConstraint(
+                fields=["tenant", "request_id"], name="usage_tenant_request_id_unique"
+            ),
             models.CheckConstraint(
                 condition=Q(input_tokens__gte=0)
                 & Q(output_tokens__gte=0)
@@ -124,6 +130,19 @@ class TokenUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.provider}/{self.model} {self.total_tokens} tokens"
+
+
+class DeadLetter(models.Model):
+    """Not a table: names the admin page (and its permissions) for the flush's dead letters,
+    ledger lines the database refused, parked in Redis (usage.services.usage_dead_letters)."""
+
+    class Meta:
+        managed = False
+        verbose_name = "dead letter"
+        default_permissions = ("view", "change")
+
+    def __str__(self) -> str:
+        return "dead letter"
 
 
 class ApiKey(models.Model):

@@ -9,21 +9,37 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import genai_prices
 from genai_prices import types as gp_types
 from genai_prices.data_snapshot import get_snapshot
 
+from tokenmgr_project import unavailable
 from usage.models import ModelPrice, TokenUsage
 
 CURRENCY = "USD"
 CATALOGUE_VERSION = f"genai-prices {genai_prices.__version__}"
 _PER_MTOK = 1_000_000
 _ZERO = Decimal(0)
+# Every cost is stored at the ledger's own scale (TokenUsage.cost: 10 decimal places), rounded
+# once, here, half away from zero as PostgreSQL's numeric would on insert. So the Decimal in the
+# row, the one in the buffer line and the one the budget counters add (budgets.counters units of
+# 1e-10 USD) are the same number, and no later step rounds again. Catalogue prices can carry up
+# to 18 decimals per million tokens (float artefacts such as 0.041666666666666664), overrides 6.
+LEDGER_COST_PLACES: int = TokenUsage._meta.get_field("cost").decimal_places
+LEDGER_QUANTUM = Decimal(1).scaleb(-LEDGER_COST_PLACES)
+
+
+def ledger_cost(value: Decimal) -> Decimal:
+    """A cost at the ledger's scale (what the database stores of it, exactly)."""
+    return value.quantize(LEDGER_QUANTUM, ROUND_HALF_UP)
+
+
 # Overrides are re-read at least this often, so an edit in another process applies quickly.
 _OVERRIDE_TTL_SECONDS = 5.0
 
@@ -133,6 +149,7 @@ class _OverrideTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded_at = 0.0
+        self._loaded_once = False
         self._by_model: dict[str, list[ModelPrice]] = {}
 
     def invalidate(self) -> None:
@@ -144,10 +161,20 @@ class _OverrideTable:
         with self._lock:
             if time.monotonic() - self._loaded_at >= _OVERRIDE_TTL_SECONDS:
                 by_model: dict[str, list[ModelPrice]] = {}
-                for row in ModelPrice.objects.order_by("-effective_from"):
-                    by_model.setdefault(row.model.lower(), []).append(row)
+                try:
+                    for row in ModelPrice.objects.order_by("-effective_from"):
+                        by_model.setdefault(row.model.lower(), []).append(row)
+                except unavailable.DATABASE_ERRORS as exc:
+                    # Database down: price with the overrides last read (tried again after the
+                    # TTL). Never read: an override could be missed, so nothing is priced (503).
+                    if not self._loaded_once:
+                        raise
+                    unavailable.note(exc, "price overrides")
+                    self._loaded_at = time.monotonic()
+                    return self._by_model
                 self._by_model = by_model
                 self._loaded_at = time.monotonic()
+                self._loaded_once = True
         return self._by_model
 
     def find(self, provider: str, model: str, at: datetime) -> ModelPrice | None:
@@ -247,9 +274,10 @@ def price_usage(
         cache_write=cache_write_tokens,
     )
     return PriceResult(
-        cost=input_cost + output_cost + fee,
-        input_cost=input_cost,
-        output_cost=output_cost,
+        # Rounded once, as a whole: the ledger's cost is the truth budgets count.
+        cost=ledger_cost(input_cost + output_cost + fee),
+        input_cost=ledger_cost(input_cost),
+        output_cost=ledger_cost(output_cost),
         source=choice.source,
         ref=choice.ref,
         provider=choice.provider,
@@ -268,6 +296,21 @@ def _price_value(price: Any) -> tuple[str | None, bool]:
     if isinstance(price, gp_types.TieredPrices):
         return str(price.base), True
     return str(price), False
+
+
+def catalogue_choices(at: datetime | None = None) -> Iterator[PriceChoice]:
+    """The price choice of every token-priced catalogue model at `at` (default now)."""
+    at = at or datetime.now(UTC)
+    for gp_provider in get_snapshot().providers:
+        for gp_model in gp_provider.models:
+            rates = _catalogue_rates(gp_model, at)
+            if rates is not None:
+                yield PriceChoice(
+                    rates,
+                    TokenUsage.PriceSource.CATALOGUE,
+                    f"{CATALOGUE_VERSION}: {gp_provider.id}/{gp_model.id}",
+                    gp_provider.id,
+                )
 
 
 def catalogue_entries(at: datetime | None = None) -> list[dict[str, Any]]:

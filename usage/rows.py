@@ -20,7 +20,12 @@ ROW_COLUMNS = (
     "project_id", "user_id", "feature", "agent", "task_type", "conversation_id", "workflow_id",
     "status", "error_type", "latency_ms", "metadata", "reservation_id", "parent_request_id",
     "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
+    "tenant",
 )  # fmt: skip
+# A row is identified by (tenant, request_id): request_id is unique per tenant. tenant is the
+# last column so that a line written before it existed (LEGACY_COLUMNS fields) can be completed.
+TENANT_COL = len(ROW_COLUMNS) - 1
+LEGACY_COLUMNS = TENANT_COL
 Row = tuple[Any, ...]
 # Column name -> position in a row.
 ROW_INDEX = {name: i for i, name in enumerate(ROW_COLUMNS)}
@@ -79,6 +84,38 @@ def line_request_id(line: str) -> str:
     return _unescape(line.split("\t", 1)[0])
 
 
+def line_key(line: str) -> tuple[str, str]:
+    """(tenant, request_id) of a line."""
+    return _unescape(line.rsplit("\t", 1)[1]), _unescape(line.split("\t", 1)[0])
+
+
+def row_key(row: Row) -> tuple[str, str]:
+    return row[TENANT_COL], row[0]
+
+
+def tenant_by_attribution(team_id: str, project_id: str) -> str:
+    """The tenant given to rows recorded before tenants existed (and by the data migration):
+    the key that could record them is assumed from their attribution."""
+    if project_id:
+        return f"p:{team_id}/{project_id}"
+    if team_id:
+        return f"t:{team_id}"
+    return "org"
+
+
+_TEAM, _PROJECT = ROW_COLUMNS.index("team_id"), ROW_COLUMNS.index("project_id")
+
+
+def upgrade_legacy_line(line: str) -> str:
+    """A line buffered before the tenant column existed, completed with its attribution's
+    tenant (see tenant_by_attribution); a current line is returned as it is."""
+    fields = line.split("\t")
+    if len(fields) != LEGACY_COLUMNS:
+        return line
+    tenant = tenant_by_attribution(_unescape(fields[_TEAM]), _unescape(fields[_PROJECT]))
+    return line + "\t" + tenant.translate(_ESCAPES)
+
+
 def decode_line(line: str) -> Row:
     values: list[Any] = []
     for index, raw in enumerate(line.split("\t")):
@@ -96,4 +133,6 @@ def decode_line(line: str) -> Row:
             values.append(json.loads(_unescape(raw)))
         else:
             values.append(_unescape(raw))
+    if len(values) == LEGACY_COLUMNS:
+        values.append(tenant_by_attribution(values[_TEAM] or "", values[_PROJECT] or ""))
     return tuple(values)

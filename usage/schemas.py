@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,7 +17,15 @@ from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from django.utils import timezone
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from provenance.models import RelationshipType
 from usage.errors import FieldErrors, pydantic_field_errors
@@ -27,6 +36,34 @@ EARLIEST_OCCURRED_AT = datetime(2015, 1, 1, tzinfo=UTC)
 
 TokenCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)]
 Dim = Annotated[str, Field(strict=True, max_length=128)]
+
+
+def _iso_text(value: Any) -> Any:
+    # JSON carries date-times as ISO 8601 text (what the OpenAPI schema says); pydantic's lax
+    # mode would also read a number as a Unix time.
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("Use an ISO 8601 date-time string.")
+
+
+def _storable_instant(value: datetime) -> datetime:
+    # PostgreSQL's timestamptz refuses UTC offsets of 16 hours or more, and a time near the end
+    # of the calendar in its own offset may not exist in UTC (nor read back into Python).
+    offset = value.utcoffset()
+    if offset is None:
+        return value  # naive: read as UTC
+    if abs(offset) >= timedelta(hours=16):
+        raise ValueError("The UTC offset must be within ±15:59.")
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("Out of range: use a year from 1 to 9999 in UTC.") from None
+    return value
+
+
+# A date-time in a request body: ISO 8601 text only. `Instant` is also one the database stores.
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_text)]
+Instant = Annotated[datetime, BeforeValidator(_iso_text), AfterValidator(_storable_instant)]
 
 
 def _no_control_chars(value: str) -> str:
@@ -61,7 +98,7 @@ class UsageEventIn(Strict):
     cache_read_tokens: TokenCount | None = None
     cache_write_tokens: TokenCount | None = None
     usage: dict[str, Any] | None = None
-    occurred_at: datetime | None = None
+    occurred_at: IsoDateTime | None = None
     team_id: Dim = ""
     project_id: Dim = ""
     user_id: Dim = ""
@@ -173,6 +210,82 @@ def tokens_from_raw_usage(
     return 0, 0, 0, 0
 
 
+# PostgreSQL's timestamptz refuses a UTC offset of 16 hours or more.
+_MAX_UTC_OFFSET = timedelta(hours=16)
+_NUL_MESSAGE = "Must not contain NUL (\\u0000) characters: the database cannot store them."
+_JSON_MESSAGE = (
+    "Must not contain NUL (\\u0000) characters or lone surrogates (\\ud800-\\udfff): "
+    "the database cannot store them."
+)
+# Every text field that is stored, by name: checked in one pass (see _text_errors).
+_TEXT_FIELDS = (
+    "request_id", "provider", "model", "team_id", "project_id", "user_id", "feature", "agent",
+    "task_type", "conversation_id", "workflow_id", "error_type", "reservation_id",
+)  # fmt: skip
+_PROVENANCE_TEXT = (
+    "parent_request_id", "root_request_id", "intent", "input_hash", "output_hash", "input_text",
+)  # fmt: skip
+
+
+_text_values = operator.attrgetter(*_TEXT_FIELDS)
+
+
+def _text_errors(data: UsageEventIn, errors: FieldErrors) -> None:
+    """NUL in a stored text field (PostgreSQL text cannot hold it). Lone surrogates never get
+    here: pydantic's strict str refuses them. One join and one search in the common case."""
+    values: tuple[str, ...] = _text_values(data)
+    if "\x00" in "".join(values):
+        for name, value in zip(_TEXT_FIELDS, values, strict=True):
+            if "\x00" in value:
+                errors.setdefault(name, []).append(_NUL_MESSAGE)
+    prov = data.provenance
+    if prov is not None:
+        for name in _PROVENANCE_TEXT:
+            value = getattr(prov, name)
+            if value and "\x00" in value:
+                errors.setdefault("provenance." + name, []).append(_NUL_MESSAGE)
+
+
+# Built once: json.dumps with any option builds a new encoder per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_UNICODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def _json_text(value: Any) -> tuple[str, bool]:
+    """(the compact, ASCII-escaped JSON of `value`, whether PostgreSQL's jsonb can store it).
+
+    jsonb refuses the escape \\u0000 and a lone surrogate escape. The common case costs the dump
+    and two searches; only JSON holding "\\u0000" or "\\ud" (also written for a non-BMP
+    character such as an emoji, a valid pair, or by a literal backslash) is looked at closely.
+    """
+    text = _JSON.encode(value)
+    if "\\u0000" in text and _has_nul(value):
+        return text, False
+    if "\\ud" in text:
+        try:
+            _JSON_UNICODE.encode(value).encode()
+        except UnicodeEncodeError:
+            return text, False
+    return text, True
+
+
+def _usage_storable(raw: dict[str, Any]) -> bool:
+    try:
+        return _json_text(raw)[1]
+    except ValueError:  # NaN or Infinity: refused below as a count that is not an integer
+        return True
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def _pick_alias(
     a: int | None, b: int | None, names: tuple[str, str], errors: FieldErrors
 ) -> int | None:
@@ -200,6 +313,9 @@ def validate_event(
     )
     cache_read = data.cache_read_tokens
     cache_write = data.cache_write_tokens
+    _text_errors(data, errors)
+    if data.usage is not None and not _usage_storable(data.usage):
+        errors.setdefault("usage", []).append(_JSON_MESSAGE)
     if data.usage is not None:
         if any(v is not None for v in (input_tokens, output_tokens, cache_read, cache_write)):
             errors.setdefault("usage", []).append(
@@ -231,6 +347,11 @@ def validate_event(
     else:
         if occurred_at.tzinfo is None:
             occurred_at = occurred_at.replace(tzinfo=UTC)
+        offset = occurred_at.utcoffset()
+        if offset is not None and abs(offset) >= _MAX_UTC_OFFSET:
+            errors.setdefault("occurred_at", []).append(
+                "The UTC offset must be within -15:59 and +15:59."
+            )
         if occurred_at > now + timedelta(seconds=settings.TOKENMGR_MAX_FUTURE_SKEW):
             errors.setdefault("occurred_at", []).append("Is in the future.")
         elif occurred_at < EARLIEST_OCCURRED_AT:
@@ -238,11 +359,13 @@ def validate_event(
 
     if data.metadata:
         try:
-            size = len(json.dumps(data.metadata, separators=(",", ":"), allow_nan=False))
+            text, storable = _json_text(data.metadata)
         except ValueError:
             errors.setdefault("metadata", []).append("Must be JSON without NaN or Infinity.")
         else:
-            if size > MAX_METADATA_BYTES:
+            if not storable:
+                errors.setdefault("metadata", []).append(_JSON_MESSAGE)
+            elif len(text) > MAX_METADATA_BYTES:
                 errors.setdefault("metadata", []).append(
                     f"Is larger than {MAX_METADATA_BYTES} bytes."
                 )
@@ -254,7 +377,10 @@ def validate_event(
             errors.setdefault("provenance.input_text", []).append(
                 "Give input_hash or input_text, not both."
             )
-        input_hash = hashlib.sha256(prov.input_text.encode()).hexdigest()
+        try:
+            input_hash = hashlib.sha256(prov.input_text.encode()).hexdigest()
+        except UnicodeEncodeError:  # a lone surrogate: no bytes to hash
+            errors.setdefault("provenance.input_text", []).append(_JSON_MESSAGE)
 
     if errors:
         return None, errors
@@ -316,7 +442,7 @@ class QuoteIn(Strict):
     output_tokens: TokenCount = 0
     cache_read_tokens: TokenCount = 0
     cache_write_tokens: TokenCount = 0
-    at: datetime | None = None
+    at: Instant | None = None
 
 
 class ModelRef(Strict):
@@ -333,7 +459,7 @@ class CompareIn(Strict):
     output_tokens: TokenCount = 0
     cache_read_tokens: TokenCount = 0
     cache_write_tokens: TokenCount = 0
-    at: datetime | None = None
+    at: Instant | None = None
 
 
 PricePerMtok = Annotated[Decimal, Field(ge=0, le=10_000_000, max_digits=14, decimal_places=6)]
@@ -346,7 +472,7 @@ class PriceOverrideIn(Strict):
     output_per_mtok: PricePerMtok
     cache_read_per_mtok: PricePerMtok | None = None
     cache_write_per_mtok: PricePerMtok | None = None
-    effective_from: datetime | None = None
+    effective_from: Instant | None = None
     note: Annotated[str, Field(strict=True, max_length=200)] = ""
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 import zoneinfo
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import connection
@@ -15,6 +16,7 @@ from django.db.models.functions import Trunc
 from django.utils import timezone
 
 from tokenmgr_project import redis as tm_redis
+from tokenmgr_project import unavailable
 from usage import buffer
 from usage.auth import Principal
 from usage.errors import ApiError
@@ -26,6 +28,17 @@ GROUP_FIELDS = FILTER_FIELDS
 INTERVALS = ("hour", "day", "week", "month")
 MAX_PAGE = 1000
 MAX_SUMMARY_ROWS = 10_000
+# Query values are checked like body fields: what the database cannot compare (NUL, other control
+# characters, unpaired surrogates from /signals' JSON) is a 400 naming the parameter, never a 500.
+MAX_FILTER_LENGTH = 128
+MAX_QUERY_LENGTH = 1024
+MAX_TIME_LENGTH = 64
+# PostgreSQL's timestamptz takes UTC offsets below 16 hours; ingestion refuses larger ones too.
+MAX_UTC_OFFSET = timedelta(hours=16)
+MAX_ID = 2**63 - 1
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_CURSOR_PK = re.compile(r"[0-9]{1,19}")
 
 
 def usage_for_principal(principal: Principal) -> QuerySet[TokenUsage]:
@@ -38,19 +51,46 @@ def usage_for_principal(principal: Principal) -> QuerySet[TokenUsage]:
     return qs
 
 
+def query_text(name: str, value: Any, *, max_length: int = MAX_QUERY_LENGTH) -> str:
+    """A query value the database can compare: a string of at most `max_length` characters
+    without control characters or unpaired surrogates; else a 400 naming the parameter."""
+    if not isinstance(value, str) or len(value) > max_length:
+        raise ApiError(
+            "Invalid query parameter.",
+            fields={name: [f"Must be a string of at most {max_length} characters."]},
+        )
+    if _UNSTORABLE.search(value):
+        raise ApiError(
+            "Invalid query parameter.",
+            fields={name: ["Must not contain control characters or unpaired surrogates."]},
+        )
+    return value
+
+
+def _time_error(name: str, message: str) -> ApiError:
+    return ApiError("Invalid time range.", fields={name: [message]})
+
+
 def _parse_time(name: str, raw: Any) -> datetime:
+    """An aware UTC datetime: naive means UTC; an offset PostgreSQL refuses, or an instant that
+    leaves the calendar's range once in UTC, is a 400."""
     if isinstance(raw, datetime):
         value = raw
     else:
+        text = query_text(name, raw, max_length=MAX_TIME_LENGTH)
         try:
-            value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+            value = datetime.fromisoformat(text)
         except ValueError:
-            raise ApiError(
-                "Invalid time range.", fields={name: ["Use an ISO 8601 date-time."]}
-            ) from None
+            raise _time_error(name, "Use an ISO 8601 date-time.") from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=zoneinfo.ZoneInfo("UTC"))
-    return value
+        value = value.replace(tzinfo=UTC)
+    offset = value.utcoffset()
+    if offset is None or abs(offset) >= MAX_UTC_OFFSET:
+        raise _time_error(name, "The UTC offset must be within ±15:59.")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise _time_error(name, "Out of range: use a year from 1 to 9999 in UTC.") from None
 
 
 def _filters(params: dict[str, Any]) -> Q:
@@ -66,14 +106,10 @@ def _filters(params: dict[str, Any]) -> Q:
     for name in FILTER_FIELDS:
         value = params.get(name)
         if value not in (None, ""):
-            if not isinstance(value, str) or len(value) > 128:
-                raise ApiError(
-                    "Invalid filter.",
-                    fields={name: ["Must be a string of at most 128 characters."]},
-                )
-            q &= Q(**{name: value})
-    since = _parse_time("since", params["since"]) if params.get("since") else None
-    until = _parse_time("until", params["until"]) if params.get("until") else None
+            q &= Q(**{name: query_text(name, value, max_length=MAX_FILTER_LENGTH)})
+    # Present means given: an empty since/until is not a date-time (the schema says so too).
+    since = _parse_time("since", params["since"]) if params.get("since") is not None else None
+    until = _parse_time("until", params["until"]) if params.get("until") is not None else None
     if since and until and since >= until:
         raise ApiError("Invalid time range.", fields={"until": ["Must be after since."]})
     if since:
@@ -88,22 +124,27 @@ def _encode_cursor(row: TokenUsage) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> Q:
+def _decode_cursor(cursor: Any) -> Q:
+    """The keyset filter of a cursor `_encode_cursor` made. A cursor is client input like any
+    other: what it decodes to is checked again (an aware UTC time, an id a row can have)."""
+    invalid = ApiError("Invalid cursor.", fields={"cursor": ["Not a cursor this API returned."]})
+    if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
+        raise invalid
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, pk = raw.rsplit("|", 1)
-        at, pk_value = datetime.fromisoformat(stamp), int(pk)
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        stamp, pk = raw.split("|")
+        at = datetime.fromisoformat(stamp)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(
-            "Invalid cursor.", fields={"cursor": ["Not a cursor this API returned."]}
-        ) from None
-    return Q(occurred_at__lt=at) | Q(occurred_at=at, pk__lt=pk_value)
+        raise invalid from None
+    if not _CURSOR_PK.fullmatch(pk) or int(pk) > MAX_ID or at.utcoffset() != timedelta(0):
+        raise invalid
+    return Q(occurred_at__lt=at) | Q(occurred_at=at, pk__lt=int(pk))
 
 
 def _limit(params: dict[str, Any]) -> int:
     raw = params.get("limit", 100)
     try:
-        limit = int(raw)
+        limit = -1 if isinstance(raw, bool) else int(raw)
     except (TypeError, ValueError):
         limit = -1
     if not 1 <= limit <= MAX_PAGE:
@@ -120,7 +161,7 @@ def usage_list(
     limit = _limit(params)
     qs = usage_for_principal(principal).filter(_filters(params))
     if params.get("cursor"):
-        qs = qs.filter(_decode_cursor(str(params["cursor"])))
+        qs = qs.filter(_decode_cursor(params["cursor"]))
     rows = list(qs.order_by("-occurred_at", "-id")[: limit + 1])
     next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
@@ -146,14 +187,16 @@ def _group_by(params: dict[str, Any]) -> list[str]:
 def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
     """Totals grouped by any dimensions and optionally by hour/day/week/month, in SQL."""
     dims = _group_by(params)
-    interval = params.get("interval") or None
+    # Present means given: `interval=` is not one of the intervals (the schema's enum).
+    interval = params.get("interval")
     if interval is not None and interval not in INTERVALS:
         raise ApiError(
             "Invalid interval.", fields={"interval": [f"Use one of {', '.join(INTERVALS)}."]}
         )
-    tz_name = params.get("tz") or "UTC"
+    tz_raw = params.get("tz")
+    tz_name = "UTC" if tz_raw is None else query_text("tz", tz_raw, max_length=64)
     try:
-        tz = zoneinfo.ZoneInfo(str(tz_name))
+        tz = zoneinfo.ZoneInfo(tz_name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ApiError(
             "Invalid time zone.", fields={"tz": ["Use an IANA time zone such as Europe/Paris."]}
@@ -204,6 +247,32 @@ def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, 
     }
 
 
+def _oldest_buffered_age() -> float | None:
+    """Seconds since the oldest event still in the buffer was accepted (entries leave the
+    stream when flushed; an entry id starts with its Redis time in milliseconds)."""
+    first: Any = tm_redis.client().xrange(buffer.stream_key(), count=1)
+    if not first:
+        return None
+    accepted_ms = int(first[0][0].split(b"-", 1)[0])
+    return max(0.0, round(time.time() - accepted_ms / 1000, 3))
+
+
+def usage_dead_letters(*, limit: int = 1000) -> list[buffer.DeadLetter]:
+    """Ledger lines the flush parked because the database refused them, oldest first."""
+    if not tm_redis.configured():
+        return []
+    return buffer.dead_letters(count=limit)
+
+
+def usage_dead_letters_summary() -> dict[str, Any]:
+    count, oldest = buffer.dead_summary()
+    return {
+        "count": count,
+        "oldest_id": oldest.dead_id if oldest else None,
+        "oldest_at": oldest.parked_at if oldest else None,
+    }
+
+
 def health_snapshot() -> dict[str, Any]:
     started = time.perf_counter()
     try:
@@ -214,8 +283,13 @@ def health_snapshot() -> dict[str, Any]:
         db_ok = False
     db_ms = round((time.perf_counter() - started) * 1000, 2)
     body: dict[str, Any] = {
-        "database": {"reachable": db_ok, "vendor": connection.vendor, "latency_ms": db_ms},
-        "redis": {"configured": tm_redis.configured(), "reachable": None},
+        "database": {
+            "reachable": db_ok,
+            "status": "up" if db_ok else "down",
+            "vendor": connection.vendor,
+            "latency_ms": db_ms,
+        },
+        "redis": {"configured": tm_redis.configured(), "reachable": None, "persistence": None},
         "mode": "direct",
         "buffer": {
             "depth": 0,
@@ -223,15 +297,20 @@ def health_snapshot() -> dict[str, Any]:
             "last_flush_at": None,
             "last_flush_count": None,
             "total_flushed": 0,
+            "oldest_age_seconds": None,
         },
         "unpriced_requests": None,
+        "status_messages": {"queued": None, "dropped": None},
+        "dead_letters": {"count": 0, "oldest_id": None, "oldest_at": None},
     }
     if tm_redis.configured():
         reachable = tm_redis.ping()
         body["redis"]["reachable"] = reachable
         if reachable:
             tm_redis.reset()
-            body["mode"] = "buffered"
+            # Is acknowledged usage safe in Redis (AOF on)? If not, ingestion writes direct.
+            body["redis"]["persistence"] = persistence = tm_redis.persistence_report()
+            body["mode"] = "buffered" if persistence["buffered"] else "direct"
             raw_stats: dict[bytes, bytes] = tm_redis.client().hgetall(buffer.stats_key())  # type: ignore[assignment]
             stats = {k.decode(): v.decode() for k, v in raw_stats.items()}
             body["buffer"] = {
@@ -243,13 +322,22 @@ def health_snapshot() -> dict[str, Any]:
                 else None,
                 "last_run_at": stats.get("last_run_at"),
                 "total_flushed": int(stats.get("total_flushed", 0)),
+                # The backlog's age: while the database is down it grows, and it drains after.
+                "oldest_age_seconds": _oldest_buffered_age(),
             }
+            body["dead_letters"] = usage_dead_letters_summary()
     if db_ok:
-        body["unpriced_requests"] = TokenUsage.objects.filter(unpriced=True).count()
         from reporting.services import status_queue_stats  # reporting builds on usage
 
-        body["status_messages"] = status_queue_stats()
+        try:
+            body["unpriced_requests"] = TokenUsage.objects.filter(unpriced=True).count()
+            body["status_messages"] = status_queue_stats()
+        except unavailable.DATABASE_ERRORS:  # went down since SELECT 1: health still answers
+            body["database"].update(reachable=False, status="down")
+            db_ok = False
     ok = db_ok and (body["redis"]["reachable"] is not False)
     body["status"] = "ok" if ok else ("degraded" if db_ok else "down")
+    if body["status"] == "ok" and body["dead_letters"]["count"]:
+        body["status"] = "degraded"  # parked usage waits for someone to replay or discard it
     body["checked_at"] = timezone.now().isoformat()
     return body

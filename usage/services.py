@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -14,6 +15,8 @@ from decimal import Decimal
 from typing import Any, cast
 
 import psycopg
+import redis
+from django import db
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -21,6 +24,7 @@ from django.utils import timezone
 from budgets import counters
 from budgets import enforcement as budget_enforcement
 from tokenmgr_project import redis as tm_redis
+from tokenmgr_project import unavailable
 from usage import buffer, pricing
 from usage import rows as rows_codec
 from usage.auth import Principal, key_cache
@@ -53,6 +57,7 @@ class EffectiveConfig:
 
 _config_cache: tuple[float, EffectiveConfig] | None = None
 _CONFIG_TTL_SECONDS = 5.0
+_CONFIG_RETRY_SECONDS = 1.0
 
 
 def manager_config() -> EffectiveConfig:
@@ -61,7 +66,17 @@ def manager_config() -> EffectiveConfig:
     now = time.monotonic()
     if _config_cache is not None and _config_cache[0] > now:
         return _config_cache[1]
-    row = ManagerConfig.objects.filter(pk=1).first()
+    ttl = _CONFIG_TTL_SECONDS
+    try:
+        row = ManagerConfig.objects.filter(pk=1).first()
+    except unavailable.DATABASE_ERRORS as exc:
+        # Database down: keep the last settings read (the environment's before any), and ask
+        # again in a second rather than on every call.
+        unavailable.note(exc, "manager settings")
+        row, ttl = None, _CONFIG_RETRY_SECONDS
+        if _config_cache is not None:
+            _config_cache = (now + ttl, _config_cache[1])
+            return _config_cache[1]
     effective = EffectiveConfig(
         buffer_size=(row.buffer_size if row and row.buffer_size else settings.TOKENMGR_BUFFER_SIZE),
         flush_interval=(
@@ -75,7 +90,7 @@ def manager_config() -> EffectiveConfig:
         alert_channels=list(row.alert_channels) if row else ["status"],
         optimization_enabled=row.optimization_enabled if row else True,
     )
-    _config_cache = (now + _CONFIG_TTL_SECONDS, effective)
+    _config_cache = (now + ttl, effective)
     return effective
 
 
@@ -144,6 +159,7 @@ def _row_for(
     event: UsageEvent,
     received_at: datetime,
     choices: dict[tuple[str, str, datetime], pricing.PriceChoice],
+    tenant: str,
 ) -> Row:
     key = (event.provider, event.model, event.occurred_at)
     choice = choices.get(key)
@@ -167,20 +183,23 @@ def _row_for(
         event.feature, event.agent, event.task_type, event.conversation_id, event.workflow_id,
         event.status, event.error_type, event.latency_ms, event.metadata, event.reservation_id,
         event.parent_request_id, event.root_request_id, event.relationship, event.intent,
-        event.input_hash, event.output_hash, event.cache_hit,
+        event.input_hash, event.output_hash, event.cache_hit, tenant,
     )  # fmt: skip
 
 
 def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]:
     """Validate, attribute, price and store usage events; one result per event, in order.
 
-    Idempotent on request_id: a repeat (in this call, concurrently, or later) is reported as a
-    duplicate and never stored or counted twice. With Redis available the rows go to the buffer
-    and are committed by `usage_flush`; otherwise they are inserted here.
+    Idempotent on (tenant, request_id), the tenant being the principal's: a repeat (in this call,
+    concurrently, or later) is reported as a duplicate and never stored or counted twice;
+    another tenant's ids are none of this one's business. With Redis available the rows go to
+    the buffer and are committed by `usage_flush`; otherwise they are inserted here.
     """
     now = timezone.now()
     results: list[ItemResult] = []
     accepted: list[tuple[ItemResult, Row]] = []
+    # One principal per call, so one tenant: request ids alone tell this call's repeats apart.
+    tenant = principal.tenant
     seen: set[str] = set()
     # Events of one call mostly share provider, model and time: resolve each price once.
     choices: dict[tuple[str, str, datetime], pricing.PriceChoice] = {}
@@ -200,70 +219,100 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
             results.append(ItemResult(index, event.request_id, "duplicate"))
             continue
         seen.add(event.request_id)
-        row = _row_for(event, now, choices)
+        row = _row_for(event, now, choices, tenant)
         item = ItemResult(index, event.request_id, "created", cost=row[9], unpriced=row[15])
         results.append(item)
         accepted.append((item, row))
     if accepted:
-        flags, budget_ids = _store(accepted)
+        flags, budget_ids = _store(accepted, principal)
         for (item, _row), flag in zip(accepted, flags, strict=True):
             if flag == buffer.DUPLICATE:
                 item.status = "duplicate"
             elif flag == buffer.UNKNOWN_RESERVATION:
                 item.status = "rejected"
                 item.errors = {"reservation_id": [_UNKNOWN_RESERVATION]}
-        budget_enforcement.usage_counted(budget_ids)
+        try:
+            budget_enforcement.usage_counted(budget_ids)
+        except unavailable.DATABASE_ERRORS as exc:
+            # The usage is stored; its alerts wait for the beat's evaluation of every budget.
+            unavailable.note(exc, "alert evaluation request")
     return results
 
 
 _UNKNOWN_RESERVATION = "Unknown reservation: no check with reserve=true returned this id."
 
 
-def _store(accepted: list[tuple[ItemResult, Row]]) -> tuple[list[int], set[int]]:
+def _store(
+    accepted: list[tuple[ItemResult, Row]], principal: Principal
+) -> tuple[list[int], set[int]]:
     """Store new rows; per row NEW, DUPLICATE or UNKNOWN_RESERVATION, and the budgets counted."""
     rows = [row for _item, row in accepted]
     plan = budget_enforcement.usage_plan(rows)
-    if tm_redis.available():
+    # buffer_allowed: a Redis without persistence would lose acknowledged usage in a crash.
+    if tm_redis.available() and tm_redis.buffer_allowed():
         try:
-            return _store_buffered(rows, plan), plan.budget_ids
+            return _store_buffered(rows, plan, principal), plan.budget_ids
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; writing usage straight to the database")
             tm_redis.trip()
-    return _store_direct(rows, plan), plan.budget_ids
+        except redis.ResponseError as exc:
+            # MISCONF: Redis refuses writes (its AOF cannot be written). The add script's first
+            # write is refused, so nothing was claimed or buffered: write direct.
+            if "MISCONF" not in str(exc):
+                raise
+            logger.warning("Redis refuses writes (%s); writing usage straight to the database", exc)
+            tm_redis.trip()
+    return _store_direct(rows, plan, principal), plan.budget_ids
 
 
-def _store_direct(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list[int]:
+def _store_direct(
+    rows: list[Row], plan: budget_enforcement.UsagePlan, principal: Principal
+) -> list[int]:
     with transaction.atomic():
         # With Redis configured (but unreachable) Redis holds the reservations: record the usage
         # (it happened) and let the hold expire rather than refuse it.
         unknown = (
             set()
             if tm_redis.configured()
-            else budget_enforcement.reservations_unknown_db({r for r in plan.reservations if r})
+            else budget_enforcement.reservations_unknown_db(
+                {r for r in plan.reservations if r}, principal=principal
+            )
         )
         storable = [
             row for row, rsv in zip(rows, plan.reservations, strict=True) if rsv not in unknown
         ]
         inserted = usage_rows_insert(storable)
+        if tm_redis.configured():  # the Redis counters miss this usage: rebuilt when Redis is back
+            budget_enforcement.usage_written_direct(plan)
         budget_enforcement.reservations_settle_db(
             {
                 rsv: row[0]
                 for row, rsv in zip(rows, plan.reservations, strict=True)
-                if rsv and row[0] in inserted
+                if rsv and rows_codec.row_key(row) in inserted
             }
         )
     return [
         buffer.UNKNOWN_RESERVATION
         if rsv in unknown
-        else (buffer.NEW if row[0] in inserted else buffer.DUPLICATE)
+        else (buffer.NEW if rows_codec.row_key(row) in inserted else buffer.DUPLICATE)
         for row, rsv in zip(rows, plan.reservations, strict=True)
     ]
 
 
-def _store_buffered(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list[int]:
+def _store_buffered(
+    rows: list[Row], plan: budget_enforcement.UsagePlan, principal: Principal
+) -> list[int]:
+    tenant = principal.tenant
     ids = [row[0] for row in rows]
     # Older than the Redis claim's TTL, a repeat is only known to the ledger.
-    in_ledger = _ids_in_ledger(ids)
+    # Database down (or failed a moment ago: not waited on again per request): the Redis claims
+    # alone decide; the ledger's unique constraint drops a repeat older than its claim at flush.
+    in_ledger: set[str] = set()
+    if not unavailable.suspect():
+        try:
+            in_ledger = _ids_in_ledger(tenant, ids)
+        except unavailable.DATABASE_ERRORS as exc:
+            unavailable.note(exc, "ledger duplicate check")
     picked = [i for i, row in enumerate(rows) if row[0] not in in_ledger]
     flags_by_id: dict[str, int] = {}
     if picked:
@@ -276,7 +325,7 @@ def _store_buffered(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list
                         if plan.reservations[i]
                         else ""
                     ),
-                    cost_micros=plan.cost_micros[i],
+                    cost_units=plan.cost_units[i],
                     tokens=plan.tokens[i],
                     counter_keys=tuple(plan.keys[i]),
                 )
@@ -288,6 +337,8 @@ def _store_buffered(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list
             settings.TOKENMGR_DEDUPE_TTL,
             counting,
             counters.open_reservations_key(),
+            tenant=tenant,
+            holder=(principal.team_id, principal.project_id),
         )
         flags_by_id = {rows[i][0]: flag for i, flag in zip(picked, flags, strict=True)}
         if depth >= manager_config().buffer_size:
@@ -295,13 +346,21 @@ def _store_buffered(rows: list[Row], plan: budget_enforcement.UsagePlan) -> list
     return [flags_by_id.get(rid, buffer.DUPLICATE) for rid in ids]
 
 
-def _ids_in_ledger(ids: list[str]) -> set[str]:
+def _ids_in_ledger(tenant: str, ids: list[str]) -> set[str]:
+    """Which of one tenant's request ids the ledger has (served by the unique constraint)."""
     if connection.vendor == "postgresql":
         # One array parameter instead of one placeholder per id: far cheaper to build and plan.
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT request_id FROM {_TABLE} WHERE request_id = ANY(%s)", [ids])
+            cursor.execute(
+                f"SELECT request_id FROM {_TABLE} WHERE tenant = %s AND request_id = ANY(%s)",
+                [tenant, ids],
+            )
             return {row[0] for row in cursor.fetchall()}
-    return set(TokenUsage.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
+    return set(
+        TokenUsage.objects.filter(tenant=tenant, request_id__in=ids).values_list(
+            "request_id", flat=True
+        )
+    )
 
 
 _TRIGGER_EVERY_SECONDS = 0.25
@@ -315,10 +374,15 @@ def _trigger_flush() -> None:
     if now - _last_trigger < _TRIGGER_EVERY_SECONDS:
         return  # this process asked moments ago: spare Redis the round trip
     _last_trigger = now
-    if tm_redis.client().set(tm_redis.key("usage", "flush-trigger"), "1", nx=True, px=250):
-        from usage.tasks import usage_flush_buffer
+    from usage.tasks import usage_flush_buffer
 
-        usage_flush_buffer.delay(force=True)
+    try:
+        if tm_redis.client().set(tm_redis.key("usage", "flush-trigger"), "1", nx=True, px=250):
+            usage_flush_buffer.delay(force=True)
+    except Exception:
+        # Redis or the broker died after the events were buffered: the request must still
+        # answer what was stored (raising here would write them a second time, direct).
+        logger.warning("could not ask a worker to flush now", exc_info=True)
 
 
 def _db_params(row: Row) -> list[Any]:
@@ -330,20 +394,23 @@ def _db_params(row: Row) -> list[Any]:
     return values
 
 
-def usage_rows_insert(rows: list[Row]) -> set[str]:
-    """Insert ledger rows unless their request_id exists; returns the request_ids inserted."""
+Key = tuple[str, str]  # (tenant, request_id): what identifies a ledger row
+
+
+def usage_rows_insert(rows: list[Row]) -> set[Key]:
+    """Insert ledger rows unless their (tenant, request_id) exists; returns the keys inserted."""
     if not rows:
         return set()
     if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
         return usage_lines_insert([rows_codec.encode_line(row) for row in rows])
-    inserted: set[str] = set()
+    inserted: set[Key] = set()
     with transaction.atomic():
         for start in range(0, len(rows), _VALUES_CHUNK):
             inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
     return inserted
 
 
-def usage_lines_insert(lines: list[str]) -> set[str]:
+def usage_lines_insert(lines: list[str]) -> set[Key]:
     """The same for rows already encoded as COPY text lines (the buffer's form)."""
     if not lines:
         return set()
@@ -358,13 +425,13 @@ def usage_lines_insert(lines: list[str]) -> set[str]:
             cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy,
         ):
             copy.write(data)
-        return {rows_codec.line_request_id(line) for line in lines}
+        return {rows_codec.line_key(line) for line in lines}
     except psycopg.errors.UniqueViolation:
         # A re-claimed entry or an old repeat: stage, then insert only the absent rows.
         return _insert_staged(data)
 
 
-def _insert_values(rows: list[Row]) -> set[str]:
+def _insert_values(rows: list[Row]) -> set[Key]:
     jsonb = connection.vendor == "postgresql"
     one = (
         "("
@@ -373,17 +440,17 @@ def _insert_values(rows: list[Row]) -> set[str]:
     )
     sql = (
         f"INSERT INTO {_TABLE} ({_COLS}) VALUES {', '.join([one] * len(rows))} "
-        "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+        "ON CONFLICT (tenant, request_id) DO NOTHING RETURNING tenant, request_id"
     )
     params: list[Any] = []
     for row in rows:
         params.extend(_db_params(row))
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return {r[0] for r in cursor.fetchall()}
+        return {(r[0], r[1]) for r in cursor.fetchall()}
 
 
-def _insert_staged(data: str) -> set[str]:
+def _insert_staged(data: str) -> set[Key]:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
@@ -393,9 +460,9 @@ def _insert_staged(data: str) -> set[str]:
             copy.write(data)
         cursor.execute(
             f"INSERT INTO {_TABLE} ({_COLS}) SELECT {_COLS} FROM usage_stage "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+            "ON CONFLICT (tenant, request_id) DO NOTHING RETURNING tenant, request_id"
         )
-        inserted = {r[0] for r in cursor.fetchall()}
+        inserted = {(r[0], r[1]) for r in cursor.fetchall()}
         cursor.execute("TRUNCATE usage_stage")
         return inserted
 
@@ -415,10 +482,61 @@ class FlushResult:
     entries: int
     events: int
     inserted: int
+    dead: int = 0  # lines the database refused, parked as dead letters
 
     @property
     def duplicates(self) -> int:
-        return self.events - self.inserted
+        return self.events - self.inserted - self.dead
+
+
+# What the database (or the codec) raises for a line it refuses on its own, as psycopg raises it
+# (COPY) and as Django wraps it: bad data, a violated constraint other than the handled
+# (tenant, request_id) conflict, a value too complex. Never an outage (OperationalError in
+# general): that is retried later with nothing parked.
+_REFUSED: tuple[type[BaseException], ...] = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.ProgramLimitExceeded,
+    db.DataError,
+    db.IntegrityError,
+    ValueError,  # includes UnicodeEncodeError; a line decode_line cannot read
+    KeyError,
+    IndexError,
+    StopIteration,
+)
+_ERROR_TEXT_MAX = 2000
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, _REFUSED) or isinstance(exc.__cause__, _REFUSED)
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, db.Error) and exc.__cause__ else exc
+    return f"{type(cause).__name__}: {cause}"[:_ERROR_TEXT_MAX]
+
+
+def _insert_isolating(
+    lines: list[str], owners: list[str], refusal: BaseException, dead: list[buffer.DeadLine]
+) -> int:
+    """Insert lines whose group the database refused (with `refusal`): halves, down to single
+    lines, so every good line is committed and each bad one lands in `dead` (with its entry id,
+    `owners`). Returns how many were inserted."""
+    if len(lines) == 1:
+        error = _error_text(refusal)
+        logger.error("usage line parked as a dead letter (entry %s): %s", owners[0], error)
+        dead.append(buffer.DeadLine(owners[0], lines[0], error))
+        return 0
+    inserted = 0
+    mid = len(lines) // 2
+    for part, part_owners in ((lines[:mid], owners[:mid]), (lines[mid:], owners[mid:])):
+        try:
+            inserted += len(usage_lines_insert(part))
+        except Exception as exc:
+            if not _refused(exc):
+                raise
+            inserted += _insert_isolating(part, part_owners, exc, dead)
+    return inserted
 
 
 def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = None) -> FlushResult:
@@ -432,7 +550,7 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
     consumer = consumer or buffer.consumer_name()
     idle = settings.TOKENMGR_RECLAIM_IDLE_MS if reclaim_idle_ms is None else reclaim_idle_ms
     deadline = time.monotonic() + _FLUSH_TIME_BUDGET_SECONDS
-    total_entries = total_events = total_inserted = 0
+    total_entries = total_events = total_inserted = total_dead = 0
     client = tm_redis.client()
     with _flush_lock:
         pending = buffer.reclaim(consumer, idle, _READ_ENTRIES)
@@ -443,12 +561,24 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
                 break
             lines = [line for entry in entries for line in entry.lines]
             inserted = 0
+            dead: list[buffer.DeadLine] = []
             for start in range(0, len(lines), _FLUSH_CHUNK_ROWS):
-                inserted += len(usage_lines_insert(lines[start : start + _FLUSH_CHUNK_ROWS]))
-            buffer.ack(entries)
+                chunk = lines[start : start + _FLUSH_CHUNK_ROWS]
+                try:
+                    inserted += len(usage_lines_insert(chunk))
+                except Exception as exc:
+                    if not _refused(exc):
+                        raise  # an outage: the entries stay pending and are retried
+                    # One bad line must not hold back the others read with it.
+                    owners = [entry.entry_id for entry in entries for _line in entry.lines]
+                    inserted += _insert_isolating(
+                        chunk, owners[start : start + len(chunk)], exc, dead
+                    )
+            buffer.ack(entries, dead, timezone.now().isoformat())
             total_entries += len(entries)
             total_events += len(lines)
             total_inserted += inserted
+            total_dead += len(dead)
             if len(entries) < _READ_ENTRIES:
                 pending = buffer.reclaim(consumer, idle, _READ_ENTRIES)
                 if not pending:
@@ -461,7 +591,57 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
             if total_inserted:
                 pipe.hincrby(buffer.stats_key(), "total_flushed", total_inserted)
             pipe.execute()
-    return FlushResult(total_entries, total_events, total_inserted)
+    return FlushResult(total_entries, total_events, total_inserted, total_dead)
+
+
+# --- dead letters (lines the flush parked) -----------------------------------------------------
+
+_DEAD_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _dead_ids(ids: list[str]) -> list[str]:
+    bad = [i for i in ids if not _DEAD_ID.fullmatch(i)]
+    if bad:
+        raise ApiError(
+            "Invalid dead letter id.", fields={"ids": [f"Not a dead letter id: {', '.join(bad)}."]}
+        )
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    replayed: list[str]  # dead letter ids now in the ledger (inserted, or found there)
+    failed: dict[str, str]  # dead letter id -> why the database still refuses it
+
+
+def usage_dead_letter_replay(*, ids: list[str] | None = None) -> ReplayResult:
+    """Insert parked lines again (insert-if-absent: a line already in the ledger counts as
+    replayed) and remove from the dead list those the database now accepts; `ids` None: all.
+
+    Budget counters are not touched: the line was counted when it was buffered, and the
+    reconcile job makes counters equal the ledger in both directions.
+    """
+    replayed: list[str] = []
+    failed: dict[str, str] = {}
+    if not tm_redis.configured():  # no buffer, no dead letters
+        return ReplayResult(replayed, failed)
+    letters = buffer.dead_letters(ids=None if ids is None else _dead_ids(ids))
+    for letter in letters:
+        try:
+            usage_lines_insert([letter.line])
+        except Exception as exc:
+            if not _refused(exc):
+                raise
+            failed[letter.dead_id] = _error_text(exc)
+            continue
+        replayed.append(letter.dead_id)
+    buffer.dead_remove(replayed)
+    return ReplayResult(replayed, failed)
+
+
+def usage_dead_letter_discard(*, ids: list[str]) -> int:
+    """Drop parked lines for good; returns how many were removed."""
+    return buffer.dead_remove(_dead_ids(ids)) if tm_redis.configured() else 0
 
 
 def flush_due(*, force: bool = False) -> bool:
@@ -548,7 +728,7 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
-    key_cache.forget(key.key_hash)
+    key_cache.revoke(key.key_hash)
     return key
 
 

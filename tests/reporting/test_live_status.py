@@ -16,6 +16,7 @@ from reporting.services import QUEUE_LIMIT, status_publish
 from tests.conftest import Persona, event, settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
+ORG = {"team_id": "", "project_id": ""}  # an organisation-wide message: global viewers only
 
 
 def _client(path: str, key: str = "", user: Any = None) -> WebsocketCommunicator:
@@ -55,10 +56,10 @@ def _received_by(path: str, key: str) -> list[dict[str, Any]]:
 
 def test_messages_reach_a_client_in_batches_per_category(platform: Persona) -> None:
     for i in range(120):
-        status_publish(conversation_id="conv-1", category="progress", message=f"step {i}")
+        status_publish(conversation_id="conv-1", category="progress", message=f"step {i}", **ORG)
     for i in range(3):
-        status_publish(conversation_id="conv-1", category="tool", message=f"tool {i}")
-    status_publish(conversation_id="conv-other", category="tool", message="elsewhere")
+        status_publish(conversation_id="conv-1", category="tool", message=f"tool {i}", **ORG)
+    status_publish(conversation_id="conv-other", category="tool", message="elsewhere", **ORG)
 
     batches = _received_by("/ws/status/conv-1/", platform.raw_key)
     sizes = Counter((b["category"], len(b["messages"])) for b in batches)
@@ -82,7 +83,7 @@ def test_a_client_receives_only_the_categories_it_subscribes_to(
 
         for category in ("tool", "progress", "info"):
             await database_sync_to_async(status_publish)(
-                conversation_id="conv-2", category=category, message=category
+                conversation_id="conv-2", category=category, message=category, **ORG
             )
         await _broadcast_everything()
         batches = await _drain(client)
@@ -100,7 +101,7 @@ def test_a_client_receives_only_the_categories_it_subscribes_to(
 
 def test_the_queue_keeps_the_newest_1000_and_counts_what_it_dropped(platform: Persona) -> None:
     for i in range(QUEUE_LIMIT + 5):
-        status_publish(conversation_id="conv-3", category="info", message=str(i))
+        status_publish(conversation_id="conv-3", category="info", message=str(i), **ORG)
 
     received = _received_by("/ws/status/conv-3/", platform.raw_key)
     delivered = [m["message"] for b in received for m in b["messages"]]
@@ -156,7 +157,7 @@ def test_messages_published_while_redis_is_down_are_delivered_later(
 ) -> None:
     real_redis = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0" if real_redis else ""
-    status_publish(conversation_id="conv-5", category="error", message="while down")
+    status_publish(conversation_id="conv-5", category="error", message="while down", **ORG)
     health = platform.client.get("/api/v1/health")
     assert health.status_code == 200
     settings.REDIS_URL = real_redis
@@ -166,3 +167,158 @@ def test_messages_published_while_redis_is_down_are_delivered_later(
 
     received = _received_by("/ws/status/conv-5/", platform.raw_key)
     assert [m["message"] for b in received for m in b["messages"]] == ["while down"]
+
+
+# --- scope: a socket receives only messages inside its own scope ---------------------------------
+
+
+def _received_by_each(path: str, viewers: dict[str, Persona]) -> dict[str, list[dict[str, Any]]]:
+    """Connect every viewer at once, broadcast everything queued, return each one's batches."""
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        clients = {}
+        for name, persona in viewers.items():
+            user = getattr(persona, "user", None)
+            clients[name] = _client(path, key=persona.raw_key, user=user)
+            assert (await clients[name].connect())[0], name
+        await _broadcast_everything()
+        received = {name: await _drain(client) for name, client in clients.items()}
+        for client in clients.values():
+            await client.disconnect()
+        return received
+
+    return async_to_sync(scenario)()
+
+
+def _messages(batches: list[dict[str, Any]]) -> list[str]:
+    return [m["message"] for b in batches for m in b["messages"]]
+
+
+def _status(persona: Persona, conversation_id: str, message: str, **fields: Any) -> int:
+    body = {"conversation_id": conversation_id, "category": "tool", "message": message, **fields}
+    return int(persona.client.post("/api/v1/status", body, format="json").status_code)
+
+
+def _use_conversation(
+    persona: Persona, request_id: str, conversation_id: str, **fields: Any
+) -> None:
+    body = event(request_id, conversation_id=conversation_id, **fields)
+    assert persona.client.post("/api/v1/usage", body, format="json").status_code == 201
+    settle()
+
+
+def test_it_does_not_deliver_another_projects_messages_to_a_key_that_used_its_conversation(
+    member: Persona, outsider: Persona
+) -> None:
+    _use_conversation(member, "b-1", "shared-conv")
+    _use_conversation(outsider, "a-1", "shared-conv")  # A only learned B's conversation id
+    assert _status(member, "shared-conv", "B's secret", data={"doc": "contract.pdf"}) == 202
+
+    received = _received_by_each("/ws/status/shared-conv/", {"a": outsider, "b": member})
+
+    assert received["a"] == []
+    assert _messages(received["b"]) == ["B's secret"]
+
+
+def test_it_keeps_two_projects_feeds_apart_on_one_conversation_id(
+    member: Persona, outsider: Persona, platform: Persona
+) -> None:
+    _use_conversation(member, "b-1", "conv-7")
+    _use_conversation(outsider, "a-1", "conv-7")
+    assert _status(member, "conv-7", "from ranker") == 202
+    assert _status(outsider, "conv-7", "from bidder") == 202
+
+    received = _received_by_each(
+        "/ws/status/conv-7/", {"a": outsider, "b": member, "all": platform}
+    )
+
+    assert _messages(received["a"]) == ["from bidder"]
+    assert _messages(received["b"]) == ["from ranker"]
+    scopes = {
+        (b["team_id"], b["project_id"], m["message"])
+        for b in received["all"]
+        for m in b["messages"]
+    }
+    assert scopes == {("ads", "bidder", "from bidder"), ("search", "ranker", "from ranker")}
+
+
+def test_it_shows_a_team_key_its_projects_messages_only(
+    member: Persona, outsider: Persona, team_lead: Persona, platform: Persona
+) -> None:
+    _use_conversation(member, "b-1", "conv-8")
+    _use_conversation(outsider, "a-1", "conv-8")
+    assert _status(member, "conv-8", "ranker's") == 202
+    assert _status(outsider, "conv-8", "bidder's") == 202
+    assert _status(platform, "conv-8", "org-wide") == 202
+    assert _status(platform, "conv-8", "for search", team_id="search") == 202
+
+    received = _received_by_each("/ws/status/conv-8/", {"team": team_lead, "member": member})
+
+    assert sorted(_messages(received["team"])) == ["for search", "ranker's"]
+    assert _messages(received["member"]) == ["ranker's"]
+
+
+def test_it_refuses_to_publish_into_another_scope(member: Persona, team_lead: Persona) -> None:
+    _use_conversation(member, "b-1", "conv-9")
+    assert _status(member, "conv-9", "x", project_id="bidder") == 403
+    response = team_lead.client.post(
+        "/api/v1/status",
+        {"conversation_id": "conv-9", "category": "tool", "message": "x", "team_id": "ads"},
+        format="json",
+    )
+    assert response.status_code == 403
+    assert "team_id" in response.json()["error"]["fields"]
+    assert _status(team_lead, "conv-9", "to ranker", project_id="ranker") == 202
+
+    assert _messages(_received_by("/ws/status/conv-9/", member.raw_key)) == ["to ranker"]
+
+
+def test_it_publishes_a_budget_alert_in_the_budget_scope(
+    member: Persona, outsider: Persona
+) -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from budgets.alerts import alerts_evaluate
+    from budgets.models import AlertChannel
+    from budgets.services import budget_create
+    from budgets.tasks import alert_deliveries_send_due
+    from usage import services
+
+    services.model_price_set(
+        provider="openai",
+        model="flat-1",
+        input_per_mtok=Decimal(1_000_000),
+        output_per_mtok=Decimal(1_000_000),
+        effective_from=datetime(2015, 1, 1, tzinfo=UTC),
+    )
+    AlertChannel.objects.create(kind="status", target="ranker-feed")
+    budget = budget_create(
+        principal=None,
+        name="ranker",
+        scope="project",
+        scope_id="ranker",
+        team_id="search",
+        cost_limit=Decimal(100),
+    )
+    # 60 USD of a 100 USD budget: the 50 % alert fires into the status feed "ranker-feed".
+    _use_conversation(member, "b-1", "ranker-feed", model="flat-1", input_tokens=60)
+    _use_conversation(outsider, "a-1", "ranker-feed")
+    alerts_evaluate(budget_id=budget.pk)
+    assert alert_deliveries_send_due.apply().get() >= 1  # 50 %, and maybe a burn-rate alert
+
+    received = _received_by_each("/ws/status/ranker-feed/", {"a": outsider, "b": member})
+
+    assert received["a"] == []
+    assert {b["category"] for b in received["b"]} == {"budget"}
+
+
+def test_it_admits_staff_to_a_feed_only_with_the_view_usage_permission(
+    staff_noperm: Any, staff_viewer: Any
+) -> None:
+    async def scenario() -> tuple[tuple[bool, int | None], bool]:
+        refused = await _client("/ws/status/conv-10/", user=staff_noperm.user).connect()
+        admitted = await _client("/ws/status/conv-10/", user=staff_viewer.user).connect()
+        return refused, admitted[0]
+
+    assert async_to_sync(scenario)() == ((False, 4403), True)

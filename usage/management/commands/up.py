@@ -3,7 +3,11 @@
 Creates or migrates the schema, then starts and supervises the ASGI server (HTTP + websockets),
 a Celery worker, Celery beat and the live-status broadcaster (its own process with Redis; inside
 the server without). Uses PostgreSQL / Redis when DATABASE_URL / REDIS_URL are set,
-otherwise SQLite and a filesystem broker (no services needed). If any process dies, all stop.
+otherwise SQLite and a filesystem broker (no services needed).
+
+It supervises like a process manager: a child that exits is started again after a backoff
+(1 s, doubling to 30 s; back to 1 s once it has run for a minute), and each restart is logged.
+Only SIGINT or SIGTERM stops everything.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +29,31 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from tokenmgr_project import redis as tm_redis
 from usage.models import ApiKey
+
+# A crashed child waits BACKOFF_FIRST seconds, doubling per crash in a row up to BACKOFF_MAX;
+# one that ran STEADY_AFTER seconds before it died counts as a first crash again.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+STEADY_AFTER = 60.0
+STOP_GRACE = 15.0  # seconds children get to exit after SIGTERM before they are killed
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: int = 0  # in a row, without a steady run in between
+    restart_at: float = 0.0
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command)
+        self.started_at = time.monotonic()
+
+    def backoff(self) -> float:
+        return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.crashes - 1))
 
 
 class Command(BaseCommand):
@@ -45,6 +76,12 @@ class Command(BaseCommand):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         if settings.REDIS_URL and not tm_redis.ping():
             self.stderr.write(f"REDIS_URL={settings.REDIS_URL} is set but Redis does not answer.")
+            sys.exit(1)
+        if settings.REDIS_URL:
+            self.stderr.write(_persistence_line())
+        if not _port_free(options["host"], options["port"]):
+            # SO_REUSEPORT would let a second server share the port and split the traffic.
+            self.stderr.write(f"{options['host']}:{options['port']} is already in use.")
             sys.exit(1)
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
@@ -74,41 +111,77 @@ class Command(BaseCommand):
         elif workers > 1:
             self.stderr.write("Without Redis, live status reaches only one server process: use 1.")
             sys.exit(2)
-        if not _port_free(options["host"], options["port"]):
-            # SO_REUSEPORT would let a second server share the port and split the traffic.
-            self.stderr.write(f"{options['host']}:{options['port']} is already in use.")
-            sys.exit(1)
         self._banner(options["host"], options["port"])
-        children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-        stopping = False
+        children = [Child(name, command) for name, command in commands.items()]
+        # A plain flag: the handler runs on this thread, where taking a lock could deadlock.
+        stopping = [False]
 
-        def stop(signum: int, _frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
+        def on_signal(signum: int, _frame: Any) -> None:
+            stopping[0] = True
 
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-        exit_code = 0
-        while not stopping:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    self.stderr.write(
-                        f"{name} exited with code {child.returncode}; stopping everything."
-                    )
-                    exit_code = child.returncode or 1
-                    stopping = True
-                    break
-            time.sleep(0.5)
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for child in children.values():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        for child in children:
+            self._start(child)
+        while not stopping[0]:
+            self._supervise(children, stopping)
+            time.sleep(0.2)
+        self._log("stopping everything")
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for child in children:
+            if child.process is None:
+                continue
             try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
-        sys.exit(exit_code)
+                child.process.kill()
+                child.process.wait()
+        sys.exit(0)
+
+    def _supervise(self, children: list[Child], stopping: list[bool]) -> None:
+        """One look at every child: note who exited, start again who is due."""
+        now = time.monotonic()
+        for child in children:
+            if stopping[0]:
+                return  # a Ctrl-C also reaches the children: their exit is no crash
+            if child.process is None:
+                if now >= child.restart_at and self._start(child):
+                    child.restarts += 1
+                    pid = child.process.pid if child.process else None
+                    self._log(f"restarted {child.name} (pid {pid}, restart {child.restarts})")
+                continue
+            code = child.process.poll()
+            if code is None:
+                if child.crashes and now - child.started_at >= STEADY_AFTER:
+                    child.crashes = 0
+                continue
+            ran = now - child.started_at
+            child.crashes = 1 if ran >= STEADY_AFTER else child.crashes + 1
+            child.process = None
+            child.restart_at = now + child.backoff()
+            self._log(
+                f"{child.name} exited with code {code} after {ran:.1f} s; "
+                f"restarting it in {child.backoff():.0f} s"
+            )
+
+    def _start(self, child: Child) -> bool:
+        try:
+            child.start()
+        except OSError as exc:  # e.g. out of processes: try again later, like after a crash
+            child.crashes += 1
+            child.restart_at = time.monotonic() + child.backoff()
+            self._log(
+                f"could not start {child.name} ({exc}); trying again in {child.backoff():.0f} s"
+            )
+            return False
+        return True
+
+    def _log(self, message: str) -> None:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        self.stderr.write(f"[{stamp}] up: {message}")
 
     def _banner(self, host: str, port: int) -> None:
         base = f"http://{host}:{port}"
@@ -132,6 +205,32 @@ class Command(BaseCommand):
             )
         lines.append("")
         self.stdout.write("\n".join(lines))
+
+
+def _persistence_line() -> str:
+    """Say whether acknowledged usage survives a Redis crash, and what ingestion does about it."""
+    try:
+        report = tm_redis.persistence_report()
+    except tm_redis.REDIS_ERRORS as exc:
+        return f"WARNING: could not read Redis's persistence ({exc}); it is checked again later."
+    appendonly = {True: "yes", False: "no", None: "unknown"}[report["appendonly"]]
+    state = f"appendonly {appendonly}, appendfsync {report['appendfsync'] or 'unknown'}"
+    if report["durable"]:
+        return (
+            f"Redis persistence: {state} (read from {report['source']}): usage is buffered in "
+            "Redis and survives a Redis crash."
+        )
+    if report["volatile_ok"]:
+        return (
+            f"WARNING: Redis does not persist ({state}) and TOKENMGR_BUFFER_VOLATILE_OK=true "
+            "accepts the risk: usage is buffered in Redis anyway, and what was acknowledged but "
+            "not yet flushed is LOST if Redis crashes."
+        )
+    return (
+        f"WARNING: Redis does not persist ({state}): usage is NOT buffered, every event is "
+        "written straight to the database (slower). Start Redis with --appendonly yes, or set "
+        "TOKENMGR_BUFFER_VOLATILE_OK=true to buffer anyway and accept losing unflushed usage."
+    )
 
 
 def _port_free(host: str, port: int) -> bool:
