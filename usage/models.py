@@ -85,9 +85,12 @@ class TokenUsage(models.Model):
 
     class Meta:
         constraints = [
-            # Idempotency, per tenant; also serves the ledger duplicate check (_ids_in_ledger).
+            # Idempotency, per tenant; also serves the ledger duplicate check (_ids_in_ledger)
+            # and the admin's search by request id. request_id leads: the duplicate check's
+            # `request_id = ANY(...)` must be an index condition, and with tenant first the
+            # planner (on a young table's statistics) scanned all of a tenant's rows instead.
             models.UniqueConstraint(
-                fields=["tenant", "request_id"], name="usage_tenant_request_id_unique"
+                fields=["request_id", "tenant"], name="usage_tenant_request_id_unique"
             ),
             models.CheckConstraint(
                 condition=Q(input_tokens__gte=0)

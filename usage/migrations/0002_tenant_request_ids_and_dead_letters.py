@@ -51,7 +51,7 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name="tokenusage",
             constraint=models.UniqueConstraint(
-                fields=("tenant", "request_id"), name="usage_tenant_request_id_unique"
+                fields=("request_id", "tenant"), name="usage_tenant_request_id_unique"
             ),
         ),
         migrations.RemoveConstraint(
