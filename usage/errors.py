@@ -39,6 +39,9 @@ def _friendly(error_type: str, message: str) -> str:
         return "This field is required."
     if error_type == "extra_forbidden":
         return "Unknown field."
+    if error_type == "value_error":
+        # Our validators' own words, without pydantic's "Value error, " in front of them.
+        return message.removeprefix("Value error, ")
     return message
 
 

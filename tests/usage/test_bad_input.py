@@ -141,3 +141,12 @@ def test_a_large_legitimate_batch_is_accepted(platform: Persona) -> None:
     response = platform.client.post("/api/v1/usage/batch", batch, format="json")
     assert response.json()["created"] == 200
     assert rows() == 200
+
+
+def test_it_words_a_validator_refusal_without_pydantics_prefix(platform: Persona) -> None:
+    response = platform.client.post("/api/v1/usage", event("a\x01b"), format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"]["request_id"] == [
+        "must not contain control characters"
+    ]
