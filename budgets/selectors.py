@@ -27,6 +27,7 @@ from tokenmgr_project import unavailable
 from usage.auth import Principal
 from usage.errors import ApiError
 from usage.pricing import money
+from usage.selectors import in_scope
 
 # Attribution dimensions a budget can be keyed on (usage columns).
 DIMENSIONS = ("team_id", "project_id", "user_id", "agent", "feature")
@@ -65,12 +66,7 @@ def _reservation_not_found() -> ApiError:
 
 def reservations_for_principal(principal: Principal) -> QuerySet[Reservation]:
     """The reservations (database mode) a caller may act on: those of its team/project."""
-    qs = Reservation.objects.all()
-    if principal.team_id:
-        qs = qs.filter(team_id=principal.team_id)
-    if principal.project_id:
-        qs = qs.filter(project_id=principal.project_id)
-    return qs
+    return in_scope(Reservation.objects.all(), principal)
 
 
 def get_reservation_for_principal(

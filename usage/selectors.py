@@ -8,10 +8,10 @@ import re
 import time
 import zoneinfo
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import connection
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, Model, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -41,14 +41,22 @@ _CURSOR = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CURSOR_PK = re.compile(r"[0-9]{1,19}")
 
 
-def usage_for_principal(principal: Principal) -> QuerySet[TokenUsage]:
-    """The one gate onto the ledger: a scoped key sees only its own team or project."""
-    qs = TokenUsage.objects.all()
+M = TypeVar("M", bound=Model)
+
+
+def in_scope(qs: QuerySet[M], principal: Principal) -> QuerySet[M]:
+    """Rows (with team_id / project_id columns) inside the principal's scope: a scoped key sees
+    only its own team or project (the set form of Principal.covers)."""
     if principal.team_id:
         qs = qs.filter(team_id=principal.team_id)
     if principal.project_id:
         qs = qs.filter(project_id=principal.project_id)
     return qs
+
+
+def usage_for_principal(principal: Principal) -> QuerySet[TokenUsage]:
+    """The one gate onto the ledger: a scoped key sees only its own team or project."""
+    return in_scope(TokenUsage.objects.all(), principal)
 
 
 def query_text(name: str, value: Any, *, max_length: int = MAX_QUERY_LENGTH) -> str:
