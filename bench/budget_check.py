@@ -83,8 +83,9 @@ print(json.dumps([b.pk for b in made]))
 IN_PROCESS = """
 import gc, json, time
 from budgets.schemas import BudgetCheckIn
-from usage import actions, pricing
-from usage.auth import Principal
+from tokenmgr_project.core import actions
+from usage import pricing
+from tokenmgr_project.core.principal import Principal
 
 budget_check = find("budget_check")
 BODY, CALLS, WARMUP, NBUDGETS, SPACED = json.loads(ARGS)
@@ -162,7 +163,7 @@ from collections import defaultdict
 from django.utils import timezone
 from budgets import counters
 from budgets.models import Budget
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 
 client = tm_redis.client()
 members = client.zrange(counters.open_reservations_key(), 0, -1)
@@ -193,12 +194,12 @@ print("RESULT " + json.dumps({"open": n_open, "budgets": budgets}))
 CANCEL_ALL = """
 import json, time
 from budgets import counters
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 
 reservation_cancel = find("reservation_cancel")
 # Since issue 8 the cancel is gated by the caller's scope; older code takes no principal.
 import inspect
-from usage.auth import Principal
+from tokenmgr_project.core.principal import Principal
 scoped = "principal" in inspect.signature(reservation_cancel).parameters
 gate = {"principal": Principal(scope="global")} if scoped else {}
 prefix = counters.reservation_key("")
@@ -215,7 +216,7 @@ EXPIRE_AND_STATUS = """
 import json
 from budgets import counters, selectors
 from budgets.models import Budget
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 
 reservations_expire = find("reservations_expire")
 # one call frees at most 1,000 Redis reservations (counters.redis_sweep's limit): repeat

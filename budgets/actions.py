@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from budgets import enforcement, selectors, services
-from budgets.models import Budget
-from budgets.schemas import BudgetCheckIn, ReservationCancelIn
-from usage.actions import Outcome, action, validate
-from usage.auth import Principal
-from usage.errors import ApiError
+from budgets.models import AgentProfile, Budget, BudgetAlert
+from budgets.schemas import (
+    AgentProfileIn,
+    AgentProfileListIn,
+    AgentProfilePatchIn,
+    AlertListIn,
+    BudgetCheckIn,
+    ReservationCancelIn,
+)
+from tokenmgr_project.core.actions import Outcome, action, validate
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal
 from usage.pricing import money
 
 
@@ -40,10 +47,12 @@ def _object(data: Any) -> dict[str, Any]:
     return data
 
 
-def _budget_id(data: dict[str, Any]) -> Any:
-    if "budget_id" not in data:
-        raise ApiError("Invalid input.", fields={"budget_id": ["This field is required."]})
-    return data["budget_id"]
+def _required(data: Any, name: str) -> Any:
+    """The id an action on one row needs (checked by the row's gate, `get_<thing>_for_...`)."""
+    params = _object(data)
+    if name not in params:
+        raise ApiError("Invalid input.", fields={name: ["This field is required."]})
+    return params[name]
 
 
 @action(
@@ -70,7 +79,9 @@ def create_budget(principal: Principal, data: Any) -> Outcome:
 
 @action("get_budget", "One budget.", staff_perm="budgets.view_budget")
 def get_budget(principal: Principal, data: Any) -> Outcome:
-    return Outcome(budget_out(selectors.budget_for_principal(principal, _budget_id(_object(data)))))
+    return Outcome(
+        budget_out(selectors.budget_for_principal(principal, _required(data, "budget_id")))
+    )
 
 
 @action(
@@ -91,7 +102,7 @@ def update_budget(principal: Principal, data: Any) -> Outcome:
     staff_perm="budgets.delete_budget",
 )
 def delete_budget(principal: Principal, data: Any) -> Outcome:
-    budget = selectors.budget_for_principal(principal, _budget_id(_object(data)))
+    budget = selectors.budget_for_principal(principal, _required(data, "budget_id"))
     return Outcome(budget_out(services.budget_deactivate(budget=budget)))
 
 
@@ -101,18 +112,26 @@ def delete_budget(principal: Principal, data: Any) -> Outcome:
     staff_perm="budgets.view_budget",
 )
 def get_budget_status(principal: Principal, data: Any) -> Outcome:
-    budget = selectors.budget_for_principal(principal, _budget_id(_object(data)))
+    budget = selectors.budget_for_principal(principal, _required(data, "budget_id"))
     return Outcome(selectors.budget_status(budget).as_dict())
+
+
+def check_budget_cached(principal: Principal, data: Any) -> Outcome | None:
+    params = validate(BudgetCheckIn, data)
+    result = enforcement.budget_check_cached(principal=principal, params=params)
+    return None if result is None else Outcome(result.as_dict())
 
 
 @action(
     "check_budget",
     "Would this request fit every applicable budget? With reserve=true, hold its worst case.",
     staff_perm="budgets.view_budget",
+    inline=check_budget_cached,
 )
 def check_budget(principal: Principal, data: Any) -> Outcome:
     params = validate(BudgetCheckIn, data)
     result = enforcement.budget_check(principal=principal, params=params)
+    assert result is not None  # only the cached form answers None
     return Outcome(result.as_dict())
 
 
@@ -127,3 +146,118 @@ def cancel_reservation(principal: Principal, data: Any) -> Outcome:
         principal=principal, reservation_id=params.reservation_id
     )
     return Outcome({"reservation_id": params.reservation_id, "status_before": before})
+
+
+# --- alerts --------------------------------------------------------------------------------------
+
+
+def alert_out(alert: BudgetAlert) -> dict[str, Any]:
+    def amount(value: Any) -> str | None:
+        if value is None:
+            return None
+        return money(value) if alert.metric == BudgetAlert.Metric.COST else str(int(value))
+
+    return {
+        "id": alert.pk,
+        "budget_id": alert.budget_id,
+        "budget_name": alert.budget.name,
+        "team_id": alert.budget.team_id,
+        "project_id": alert.budget.project_id,
+        "kind": alert.kind,
+        "metric": alert.metric,
+        "period_start": alert.period_start.isoformat(),
+        "threshold": f"{alert.threshold:.2f}",
+        "spent": amount(alert.spent),
+        "limit": amount(alert.limit),
+        "percent": None if alert.percent is None else f"{alert.percent:.2f}",
+        "message": alert.message,
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+@action(
+    "list_alerts",
+    "Budget alerts, newest first (filter by budget_id, kind, since; keyset-paginated).",
+    staff_perm="budgets.view_budgetalert",
+)
+def list_alerts(principal: Principal, data: Any) -> Outcome:
+    params = validate(AlertListIn, data)
+    rows, next_cursor = selectors.alert_list(principal=principal, **params.model_dump())
+    return Outcome({"results": [alert_out(a) for a in rows], "next_cursor": next_cursor})
+
+
+# --- agent profiles ------------------------------------------------------------------------------
+
+
+def agent_profile_out(profile: AgentProfile) -> dict[str, Any]:
+    return {
+        "id": profile.pk,
+        "name": profile.name,
+        "model": profile.model,
+        "token_budget": profile.token_budget,
+        "warning_threshold": profile.warning_threshold,
+        "created_at": profile.created_at.isoformat(),
+        "updated_at": profile.updated_at.isoformat(),
+    }
+
+
+@action(
+    "list_agent_profiles",
+    "Agent profiles (per-run token budgets of POST /guard) by name; `name` finds one agent's.",
+    staff_perm="budgets.view_agentprofile",
+)
+def list_agent_profiles(principal: Principal, data: Any) -> Outcome:
+    params = validate(AgentProfileListIn, data)
+    rows = selectors.agent_profiles_for_principal(principal).order_by("name")
+    if params.name is not None:
+        rows = rows.filter(name=params.name)
+    return Outcome({"results": [agent_profile_out(p) for p in rows]})
+
+
+# Profiles are organisation-wide (the guard applies one to every caller naming its agent):
+# scoped keys read them, only global keys and staff change them.
+@action(
+    "create_agent_profile",
+    "Create an agent profile (global key or staff).",
+    staff_perm="budgets.add_agentprofile",
+    staff_or_global=True,
+)
+def create_agent_profile(principal: Principal, data: Any) -> Outcome:
+    params = validate(AgentProfileIn, data)
+    return Outcome(agent_profile_out(services.agent_profile_create(**params.model_dump())), 201)
+
+
+@action("get_agent_profile", "One agent profile.", staff_perm="budgets.view_agentprofile")
+def get_agent_profile(principal: Principal, data: Any) -> Outcome:
+    profile = selectors.get_agent_profile_for_principal(principal, _required(data, "profile_id"))
+    return Outcome(agent_profile_out(profile))
+
+
+@action(
+    "update_agent_profile",
+    "Change an agent profile's name, model, token budget or warning threshold (global key or "
+    "staff).",
+    staff_perm="budgets.change_agentprofile",
+    staff_or_global=True,
+)
+def update_agent_profile(principal: Principal, data: Any) -> Outcome:
+    changes = dict(_object(data))
+    profile = selectors.get_agent_profile_for_principal(principal, changes.pop("profile_id", None))
+    params = validate(AgentProfilePatchIn, changes)
+    profile = services.agent_profile_update(
+        profile=profile, **params.model_dump(exclude_unset=True)
+    )
+    return Outcome(agent_profile_out(profile))
+
+
+@action(
+    "delete_agent_profile",
+    "Delete an agent profile (global key or staff); answers the profile as it was.",
+    staff_perm="budgets.delete_agentprofile",
+    staff_or_global=True,
+)
+def delete_agent_profile(principal: Principal, data: Any) -> Outcome:
+    profile = selectors.get_agent_profile_for_principal(principal, _required(data, "profile_id"))
+    body = agent_profile_out(profile)
+    services.agent_profile_delete(profile=profile)
+    return Outcome(body)

@@ -20,10 +20,17 @@ from functools import partial
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from budgets.deliveries import ENQUEUE_ERRORS, alert_deliveries_create
+from budgets import signals
+from budgets.deliveries import alert_deliveries_create
 from budgets.models import Budget, BudgetAlert, BudgetPeriod, Window
-from budgets.selectors import BudgetStatus, budget_status, effective_limits, ledger_spend
-from tokenmgr_project import redis as tm_redis
+from budgets.selectors import (
+    BudgetStatus,
+    budget_status,
+    effective_limits,
+    ledger_spend,
+    plain,
+)
+from tokenmgr_project.core import redis as tm_redis
 from usage.services import manager_config
 
 logger = logging.getLogger(__name__)
@@ -233,10 +240,6 @@ def _q(value: Decimal) -> Decimal:
     return value.quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
-def _pct(value: Decimal) -> str:
-    return f"{value.normalize():f}"
-
-
 def _amount(metric: str, value: Decimal | None) -> str:
     if value is None:
         return "no limit"
@@ -256,7 +259,7 @@ def _title(budget: Budget) -> str:
 
 def _threshold_message(budget: Budget, reading: _Reading, threshold: Decimal) -> str:
     limit = _amount(reading.metric, reading.limit)
-    return f"{_title(budget)} at {_pct(threshold)} % of {limit} ({_used(reading)})"
+    return f"{_title(budget)} at {plain(threshold)} % of {limit} ({_used(reading)})"
 
 
 def _exhausted_message(budget: Budget, reading: _Reading) -> str:
@@ -266,9 +269,9 @@ def _exhausted_message(budget: Budget, reading: _Reading) -> str:
 
 def _resolved_message(budget: Budget, reading: _Reading, threshold: Decimal) -> str:
     if reading.limit is None:
-        return f"{_title(budget)} back under {_pct(threshold)} %: unlimited by an override"
+        return f"{_title(budget)} back under {plain(threshold)} %: unlimited by an override"
     limit = _amount(reading.metric, reading.limit)
-    return f"{_title(budget)} back under {_pct(threshold)} % of {limit} ({_used(reading)})"
+    return f"{_title(budget)} back under {plain(threshold)} % of {limit} ({_used(reading)})"
 
 
 def _burn_message(budget: Budget, reading: _Reading, projected: Decimal) -> str:
@@ -330,18 +333,9 @@ def _claim_evaluations(ids: list[int]) -> list[int]:
 
 
 def _enqueue_evaluations(budget_ids: list[int]) -> None:
-    from budgets.tasks import budget_alerts_evaluate
-
     if tm_redis.configured() and not tm_redis.available():
         return  # the broker is this Redis and it just failed: the beat will catch up
-    for budget_id in budget_ids:
-        try:
-            budget_alerts_evaluate.apply_async(
-                (budget_id,), countdown=EVALUATE_SOON_SECONDS, retry=False
-            )
-        except ENQUEUE_ERRORS:
-            logger.warning("could not enqueue alert evaluation; the beat will evaluate it")
-            return
+    signals.evaluations_wanted.send(sender=Budget, budget_ids=budget_ids)
 
 
 def alerts_evaluate_all(*, now: datetime | None = None) -> int:
@@ -474,7 +468,7 @@ def _rollover_resolved(budget: Budget, period: BudgetPeriod) -> list[BudgetAlert
         if reading is None:
             continue
         message = (
-            f"{_title(budget)} back under {_pct(threshold)} % of "
+            f"{_title(budget)} back under {plain(threshold)} % of "
             f"{_amount(metric, reading.limit)}: a new period started"
         )
         alerts.append(

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from pydantic import BaseModel, Field
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from budgets.schemas import BudgetCheckIn, BudgetIn, BudgetPatchIn, ReservationCancelIn
-from usage.apis import ActionView, Money, _query, with_url_id
+from budgets.schemas import (
+    MAX_ALERT_PAGE,
+    AgentProfileIn,
+    AgentProfilePatchIn,
+    AlertKind,
+    BudgetCheckIn,
+    BudgetIn,
+    BudgetPatchIn,
+    ReservationCancelIn,
+)
+from tokenmgr_project.core.api import ActionView, Money, query_params, with_url_id
 
 # --- response bodies (STYLE 6b) ------------------------------------------------------------------
 
@@ -87,6 +96,42 @@ class ReservationCancelOut(BaseModel):
     status_before: str
 
 
+class AlertOut(BaseModel):
+    id: int
+    budget_id: int
+    budget_name: str
+    team_id: str
+    project_id: str
+    kind: AlertKind
+    metric: Literal["cost", "tokens"]
+    period_start: Instant
+    threshold: Percent = Field(description="The threshold crossed (100 for exhausted, else 0).")
+    spent: str = Field(description="Spent in the period: USD for cost alerts, else tokens.")
+    limit: str | None = Field(description="The effective limit, in the same unit as spent.")
+    percent: Percent | None
+    message: str
+    created_at: Instant
+
+
+class AlertListOut(BaseModel):
+    results: list[AlertOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page.")
+
+
+class AgentProfileOut(BaseModel):
+    id: int
+    name: str
+    model: str
+    token_budget: int
+    warning_threshold: int | None = Field(description="null: 80 % of token_budget.")
+    created_at: Instant
+    updated_at: Instant
+
+
+class AgentProfileListOut(BaseModel):
+    results: list[AgentProfileOut]
+
+
 class BudgetListApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"get": "list_budgets", "post": "create_budget"}
 
@@ -97,7 +142,7 @@ class BudgetListApi(ActionView):
         operation_id="v1_budgets_list",
     )
     def get(self, request: Request) -> Response:
-        return self._run(request, "get", _query(request))
+        return self._run(request, "get", query_params(request))
 
     @extend_schema(request=BudgetIn, responses={201: BudgetOut}, summary="Create a budget")
     def post(self, request: Request) -> Response:
@@ -151,3 +196,93 @@ class ReservationCancelApi(ActionView):
     )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))
+
+
+# Query values are refused with control characters (core.api.query_params).
+NO_CONTROL_CHARS = "^[^\\x00-\\x1f\\x7f]*$"
+_ALERT_FILTERS = [
+    OpenApiParameter(
+        "budget_id",
+        {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+        description="Only this budget's.",
+    ),
+    OpenApiParameter("kind", str, enum=list(get_args(AlertKind))),
+    OpenApiParameter(
+        "since",
+        {"type": "string", "format": "date-time", "maxLength": 64},
+        description="Created at or after (inclusive). UTC offset within ±15:59.",
+    ),
+    OpenApiParameter(
+        "cursor",
+        {"type": "string", "pattern": "^[0-9]{1,19}$"},
+        description="`next_cursor` of the previous page.",
+    ),
+    OpenApiParameter(
+        "limit", {"type": "integer", "minimum": 1, "maximum": MAX_ALERT_PAGE, "default": 100}
+    ),
+]
+
+
+class AlertListApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"get": "list_alerts"}
+
+    @extend_schema(
+        parameters=_ALERT_FILTERS, responses={200: AlertListOut}, summary="Budget alerts"
+    )
+    def get(self, request: Request) -> Response:
+        return self._run(request, "get", query_params(request))
+
+
+class AgentProfileListApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {
+        "get": "list_agent_profiles",
+        "post": "create_agent_profile",
+    }
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "name",
+                {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NO_CONTROL_CHARS},
+                description="Only the profile of this agent.",
+            )
+        ],
+        responses={200: AgentProfileListOut},
+        summary="Agent profiles",
+        operation_id="v1_agent_profiles_list",
+    )
+    def get(self, request: Request) -> Response:
+        return self._run(request, "get", query_params(request))
+
+    @extend_schema(
+        request=AgentProfileIn, responses={201: AgentProfileOut}, summary="Create an agent profile"
+    )
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class AgentProfileDetailApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {
+        "get": "get_agent_profile",
+        "patch": "update_agent_profile",
+        "delete": "delete_agent_profile",
+    }
+
+    @extend_schema(responses={200: AgentProfileOut}, summary="One agent profile")
+    def get(self, request: Request, profile_id: int) -> Response:
+        return self._run(request, "get", {"profile_id": profile_id})
+
+    @extend_schema(
+        request=AgentProfilePatchIn,
+        responses={200: AgentProfileOut},
+        summary="Change an agent profile",
+    )
+    def patch(self, request: Request, profile_id: int) -> Response:
+        body = with_url_id(self._body(request), "profile_id", profile_id)
+        return self._run(request, "patch", body)
+
+    @extend_schema(
+        responses={200: AgentProfileOut}, summary="Delete an agent profile (answers it as it was)"
+    )
+    def delete(self, request: Request, profile_id: int) -> Response:
+        return self._run(request, "delete", {"profile_id": profile_id})

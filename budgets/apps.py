@@ -6,9 +6,15 @@ class BudgetsConfig(AppConfig):
     verbose_name = "Budgets"
 
     def ready(self) -> None:
-        # Registers the budget actions in usage.actions.REGISTRY (REST views and /signals).
+        # The budget actions join core.actions.REGISTRY (REST views and /signals); the tasks
+        # module connects the services' after-commit signals; budgets take part in ingestion.
         from budgets import (
             actions,  # noqa: F401
             guard,  # noqa: F401
             overrides,  # noqa: F401
+            tasks,  # noqa: F401
         )
+        from budgets.enforcement import BudgetAccounting
+        from usage import hooks
+
+        hooks.register_accountant(BudgetAccounting())

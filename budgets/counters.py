@@ -48,7 +48,7 @@ from django.db.models.functions import Cast, Round
 from django.utils import timezone
 
 from budgets.models import Budget, Reservation, Window
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import buffer, pricing
 from usage import rows as rows_codec
 from usage.models import TokenUsage
@@ -145,16 +145,6 @@ class CheckOutcome:
 
 # --- Redis ---------------------------------------------------------------------------------------
 
-# Integers travel as strings. `neg` negates one without tonumber (a double: inexact past 2^53);
-# "-0" is no integer to HINCRBY, hence the zero case.
-_NEG_LUA = r"""
-local function neg(s)
-  if not s or s == '0' or s == '' then return '0' end
-  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
-  return '-' .. s
-end
-"""
-
 # over(a, b, c, limit): a + b + c > limit, exactly, for integer strings. Each value splits into
 # limbs of 10^9, every one an exact double (a high limb stays below 2^53 up to 9e24), compared
 # limb-wise: exact for every counter (int64) and any limit. The check calls it only past 2^51
@@ -185,20 +175,12 @@ end
 
 # Releases expired reservations' holds. Shared by the check script and the sweep job.
 _SWEEP_LUA = (
-    _NEG_LUA
+    buffer.HOLD_RELEASE_LUA
     + r"""
 local function sweep(openz, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', openz, '-inf', now, 'LIMIT', 0, limit)
   for _, rkey in ipairs(ids) do
-    local r = redis.call('HMGET', rkey, 'keys', 'hc', 'ht', 'status')
-    if r[4] == 'open' then
-      for k in string.gmatch(r[1] or '', '[^,]+') do
-        redis.call('HINCRBY', k, 'hc', neg(r[2]))
-        redis.call('HINCRBY', k, 'ht', neg(r[3]))
-      end
-      redis.call('HSET', rkey, 'status', 'expired')
-    end
-    redis.call('ZREM', openz, rkey)
+    release(rkey, openz, 'expired')
   end
   return #ids
 end
@@ -341,22 +323,7 @@ return 1
 """
 
 # Cancel an open reservation: KEYS[1] reservation, KEYS[2] open zset. Returns its status before.
-_CANCEL = (
-    _NEG_LUA
-    + r"""
-local r = redis.call('HMGET', KEYS[1], 'keys', 'hc', 'ht', 'status')
-if not r[4] then return false end
-if r[4] == 'open' then
-  for k in string.gmatch(r[1], '[^,]+') do
-    redis.call('HINCRBY', k, 'hc', neg(r[2]))
-    redis.call('HINCRBY', k, 'ht', neg(r[3]))
-  end
-  redis.call('HSET', KEYS[1], 'status', 'cancelled')
-  redis.call('ZREM', KEYS[2], KEYS[1])
-end
-return r[4]
-"""
-)
+_CANCEL = buffer.HOLD_RELEASE_LUA + "return release(KEYS[1], KEYS[2], 'cancelled')"
 
 
 def _now_ms() -> int:
@@ -370,12 +337,13 @@ def redis_check(
     tokens: int,
     reserve: bool,
     ttl_seconds: int,
-    seed: Any,
+    seed: Callable[[Hold], None] | None,
     team_id: str = "",
     project_id: str = "",
-) -> CheckOutcome:
+) -> CheckOutcome | None:
     """Check (and with `reserve`, hold) atomically across all budgets. `seed(hold)` is called for
-    each counter that does not exist yet (or is being seeded), then the check is repeated."""
+    each counter that does not exist yet (or is being seeded), then the check is repeated. With
+    `seed` None a missing counter answers None: the script found it before changing anything."""
     keys = [counter_key(h.budget_id, h.window) for h in holds]
     reservation_id = new_reservation_id() if reserve else None
     args: list[Any] = [
@@ -400,6 +368,8 @@ def redis_check(
     for _attempt in range(3):
         reply = tm_redis.run_script(_CHECK, keys, args)
         if int(reply[0]) == -1:
+            if seed is None:
+                return None
             for index in reply[1]:
                 seed(holds[int(index) - 1])
             continue

@@ -17,9 +17,8 @@ import smtplib
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,10 +29,10 @@ from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
+from budgets import signals
 from budgets.models import AlertChannel, AlertDelivery, BudgetAlert
-from reporting.models import StatusCategory
-from reporting.services import status_publish
-from tokenmgr_project import redis as tm_redis
+from budgets.selectors import plain
+from tokenmgr_project.core import redis as tm_redis
 from usage.services import manager_config
 
 logger = logging.getLogger(__name__)
@@ -73,19 +72,7 @@ def alert_deliveries_create(alerts: Sequence[BudgetAlert]) -> None:
 
 
 def _enqueue_deliveries(delivery_ids: list[int]) -> None:
-    from budgets.tasks import alert_delivery_send
-
-    for delivery_id in delivery_ids:
-        try:
-            alert_delivery_send.apply_async((delivery_id,), retry=False)
-        except ENQUEUE_ERRORS:
-            logger.warning("could not enqueue alert delivery; the sweep will send it")
-            return
-
-
-def _pct(value: Decimal) -> str:
-    # Plain digits, no exponent or trailing zeros: as budgets.alerts writes them in messages.
-    return f"{value.normalize():f}"
+    signals.deliveries_created.send(sender=AlertDelivery, delivery_ids=delivery_ids)
 
 
 def alert_payload(alert: BudgetAlert) -> dict[str, Any]:
@@ -95,9 +82,9 @@ def alert_payload(alert: BudgetAlert) -> dict[str, Any]:
         "id": alert.pk,
         "kind": alert.kind,
         "metric": alert.metric,
-        "threshold": _pct(alert.threshold),
-        "spent": _pct(alert.spent),
-        "limit": None if alert.limit is None else _pct(alert.limit),
+        "threshold": plain(alert.threshold),
+        "spent": plain(alert.spent),
+        "limit": None if alert.limit is None else plain(alert.limit),
         "percent": None if alert.percent is None else f"{alert.percent:f}",
         "unit": "USD" if alert.metric == BudgetAlert.Metric.COST else "tokens",
         "period_start": alert.period_start.isoformat(),
@@ -185,23 +172,17 @@ def _send_email(channel: AlertChannel, alert: BudgetAlert) -> None:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _send_status(channel: AlertChannel, alert: BudgetAlert) -> None:
-    # In the budget's scope: a team budget's alert reaches the team's viewers, not another's.
-    status_publish(
-        conversation_id=channel.target,
-        category=StatusCategory.BUDGET,
-        message=alert.message,
-        data=alert_payload(alert),
-        team_id=alert.budget.team_id,
-        project_id=alert.budget.project_id,
-    )
-
-
-_SENDERS = {
-    AlertChannel.Kind.STATUS: _send_status,
+Sender = Callable[[AlertChannel, BudgetAlert], None]
+_SENDERS: dict[str, Sender] = {
     AlertChannel.Kind.EMAIL: _send_email,
     AlertChannel.Kind.WEBHOOK: _send_webhook,
 }
+
+
+def register_sender(kind: str, sender: Sender) -> None:
+    """How alerts reach a channel kind that another app provides (reporting: the live status
+    feed, registered in ReportingConfig.ready())."""
+    _SENDERS[kind] = sender
 
 
 def _due(now: datetime) -> Q:
@@ -228,7 +209,10 @@ def alert_delivery_send(*, delivery_id: int, now: datetime | None = None) -> Ale
     try:
         if not delivery.channel.is_active:
             raise DeliveryError("channel is deactivated", permanent=True)
-        _SENDERS[AlertChannel.Kind(delivery.channel.kind)](delivery.channel, delivery.alert)
+        sender = _SENDERS.get(delivery.channel.kind)
+        if sender is None:
+            raise DeliveryError(f"no sender for {delivery.channel.kind} channels", permanent=True)
+        sender(delivery.channel, delivery.alert)
     except DeliveryError as exc:
         delivery.last_error = str(exc)[:500]
         if exc.permanent or delivery.attempts >= MAX_ATTEMPTS:

@@ -1,5 +1,6 @@
-"""Enforcement of budgets: check/reserve before a request, cancel a reservation, and settle usage
-against the budget counters and reservations during ingestion (called by usage.services)."""
+"""Enforcement of budgets: check/reserve before a request, cancel a reservation, and budgets'
+part of ingestion (`BudgetAccounting`, the usage.hooks accountant): count usage against the
+budget counters and settle its reservation."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from budgets import counters, selectors
+from budgets import alerts, counters, selectors
 from budgets.models import Budget, CounterRebuild, Reservation, Window
 from budgets.schemas import BudgetCheckIn
 from budgets.services import counter_seed, counters_rebuild
-from tokenmgr_project import redis as tm_redis
-from usage import pricing, tokenizer
-from usage.auth import Principal
-from usage.errors import ApiError, FieldErrors
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal, within_scope
+from usage import buffer, hooks, pricing, tokenizer
 from usage.rows import ROW_INDEX, Row
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,9 @@ def _input_tokens(params: BudgetCheckIn) -> tuple[int, bool]:
 
 def _attribution(params: BudgetCheckIn, principal: Principal) -> dict[str, str]:
     values = {dim: getattr(params, dim) for dim in selectors.DIMENSIONS}
-    errors: FieldErrors = {}
-    for dim in ("team_id", "project_id"):
-        own = getattr(principal, dim)
-        if own:
-            if values[dim] and values[dim] != own:
-                errors[dim] = [f"This API key may only check requests of {dim[:-3]} {own!r}."]
-            values[dim] = own
+    values["team_id"], values["project_id"], errors = within_scope(
+        principal, values["team_id"], values["project_id"], doing="check requests of"
+    )
     if errors:
         raise ApiError("Invalid input.", fields=errors, status_code=403)
     return values
@@ -135,7 +132,7 @@ def _budget_view(
 
 
 def _pct(value: int, limit: int) -> str:
-    return f"{Decimal(value) * 100 / Decimal(limit):.2f}" if limit > 0 else "0.00"
+    return str(selectors.percent(value, limit) or Decimal("0.00"))
 
 
 def _warnings(rule: selectors.Rule, view: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,10 +184,29 @@ def _expect_budget(principal: Principal, budget_id: int, rules: list[selectors.R
         )
 
 
-def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
+def budget_check_cached(*, principal: Principal, params: BudgetCheckIn) -> CheckResult | None:
+    """`budget_check` from caches and Redis alone, for the event loop (core.hotpath), or None
+    when it needs the database: rules or price overrides due for a reload, a budget named by id,
+    counters to rebuild or seed, Redis not steady. None is always answered before the check's
+    one side effect (the Redis script's hold), so the caller simply runs `budget_check`."""
+    if (
+        params.budget_id is not None
+        or not selectors.rules_fresh()
+        or not pricing.overrides.fresh()
+        or counters.rebuild_due
+        or not tm_redis.steady()
+    ):
+        return None
+    return budget_check(principal=principal, params=params, cached_only=True)
+
+
+def budget_check(
+    *, principal: Principal, params: BudgetCheckIn, cached_only: bool = False
+) -> CheckResult | None:
     """Would this request fit every applicable budget? With `reserve`, an allowed check holds the
     worst-case cost (all input at the full input rate, plus max_output_tokens) against every
-    applicable budget atomically; POST /usage with the reservation_id settles it."""
+    applicable budget atomically; POST /usage with the reservation_id settles it. (None only
+    with `cached_only`: see budget_check_cached.)"""
     input_tokens, estimated = _input_tokens(params)
     attribution = _attribution(params, principal)
     now = timezone.now()
@@ -211,7 +227,11 @@ def budget_check(*, principal: Principal, params: BudgetCheckIn) -> CheckResult:
     if params.budget_id is not None:
         _expect_budget(principal, params.budget_id, rules)
     holds = [_hold_for(rule, rule.budget.window_at(now)) for rule in rules]
-    outcome = _run_check(rules, holds, params, attribution, cost=cost, tokens=tokens)
+    outcome = _run_check(
+        rules, holds, params, attribution, cost=cost, tokens=tokens, cached_only=cached_only
+    )
+    if outcome is None:
+        return None
     result = CheckResult(
         allowed=outcome.blocked is None,
         cost=cost,
@@ -250,7 +270,8 @@ def _run_check(
     *,
     cost: Decimal,
     tokens: int,
-) -> counters.CheckOutcome:
+    cached_only: bool = False,
+) -> counters.CheckOutcome | None:
     if not rules:
         reservation_id = None
         if params.reserve:  # nothing to hold, but the caller may still settle it
@@ -266,13 +287,19 @@ def _run_check(
                 tokens=tokens,
                 reserve=params.reserve,
                 ttl_seconds=params.reservation_ttl_seconds,
-                seed=lambda hold: counter_seed(_budget_of(rules, hold), hold.window),
+                seed=(
+                    None
+                    if cached_only
+                    else lambda hold: counter_seed(_budget_of(rules, hold), hold.window)
+                ),
                 team_id=attribution["team_id"],
                 project_id=attribution["project_id"],
             )
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; checking budgets in the database")
             tm_redis.trip()
+    if cached_only:
+        return None
     return counters.db_check(
         [r.budget for r in rules],
         holds,
@@ -315,6 +342,7 @@ def _empty_reservation(
             project_id=attribution["project_id"],
         )
     )
+    assert outcome is not None
     assert outcome.reservation_id is not None
     return outcome.reservation_id
 
@@ -338,89 +366,93 @@ def reservation_cancel(*, principal: Principal, reservation_id: str) -> str:
     return before
 
 
-# --- usage settlement (called by usage.services during ingestion) --------------------------------
+# --- the ingestion accountant (usage.hooks; registered in BudgetsConfig.ready()) ----------------
 
 
 @dataclass(frozen=True, slots=True)
 class UsagePlan:
-    """Per row: the counter keys to increment, its cost (counter units), tokens and reservation
-    id; and per counter key a (budget id, occurred_at) inside its window."""
+    """Which counters the rows touched: per counter key a (budget id, occurred_at) inside its
+    window, and the budgets counted."""
 
-    keys: list[list[str]]
-    cost_units: list[int]
-    tokens: list[int]
-    reservations: list[str]
     budget_ids: set[int]
     windows: dict[str, tuple[int, datetime]] = field(default_factory=dict)
 
-    @property
-    def empty(self) -> bool:
-        return not self.budget_ids and not any(self.reservations)
 
+class BudgetAccounting:
+    """Budgets' part of every ingestion: the counter increments and reservation settlement
+    that the buffer's add script performs atomically with the request-id claim (or the direct
+    write performs in its transaction), then alert evaluation."""
 
-def usage_plan(rows: Sequence[Row]) -> UsagePlan:
-    keys: list[list[str]] = []
-    budget_ids: set[int] = set()
-    windows: dict[str, tuple[int, datetime]] = {}
-    has_rules = bool(selectors.active_rules().everything)
-    for row in rows:
-        row_keys = []
-        if has_rules:
-            attribution = {dim: row[ROW_INDEX[dim]] for dim in selectors.DIMENSIONS}
-            occurred_at = row[ROW_INDEX["occurred_at"]]
-            for rule in selectors.applicable_rules(attribution):
-                key = counters.counter_key(rule.budget.pk, rule.budget.window_at(occurred_at))
-                row_keys.append(key)
-                budget_ids.add(rule.budget.pk)
-                windows.setdefault(key, (rule.budget.pk, occurred_at))
-        keys.append(row_keys)
-    return UsagePlan(
-        keys=keys,
-        # Exact: priced costs are whole units (usage.pricing rounds to the ledger's scale).
-        cost_units=[counters.to_units(counters.row_spend(row)[0]) for row in rows],
-        tokens=[counters.row_spend(row)[1] for row in rows],
-        reservations=[row[ROW_INDEX["reservation_id"]] or "" for row in rows],
-        budget_ids=budget_ids,
-        windows=windows,
-    )
+    def plan(self, rows: Sequence[Row]) -> hooks.Accounting:
+        keys: list[list[str]] = []
+        budget_ids: set[int] = set()
+        windows: dict[str, tuple[int, datetime]] = {}
+        has_rules = bool(selectors.active_rules().everything)
+        for row in rows:
+            row_keys = []
+            if has_rules:
+                attribution = {dim: row[ROW_INDEX[dim]] for dim in selectors.DIMENSIONS}
+                occurred_at = row[ROW_INDEX["occurred_at"]]
+                for rule in selectors.applicable_rules(attribution):
+                    key = counters.counter_key(rule.budget.pk, rule.budget.window_at(occurred_at))
+                    row_keys.append(key)
+                    budget_ids.add(rule.budget.pk)
+                    windows.setdefault(key, (rule.budget.pk, occurred_at))
+            keys.append(row_keys)
+        reservations = [row[ROW_INDEX["reservation_id"]] or "" for row in rows]
+        counting = None
+        if budget_ids or any(reservations):
+            counting = []
+            for row, row_keys, rsv in zip(rows, keys, reservations, strict=True):
+                cost, tokens = counters.row_spend(row)
+                counting.append(
+                    buffer.Counting(
+                        reservation_key=counters.reservation_key(rsv) if rsv else "",
+                        # Exact: priced costs are whole units (pricing rounds to ledger scale).
+                        cost_units=counters.to_units(cost),
+                        tokens=tokens,
+                        counter_keys=tuple(row_keys),
+                    )
+                )
+        return hooks.Accounting(
+            counting=counting,
+            reservations=reservations,
+            open_reservations_key=counters.open_reservations_key(),
+            state=UsagePlan(budget_ids=budget_ids, windows=windows),
+        )
 
+    def unknown_reservations(self, reservation_ids: set[str], *, principal: Principal) -> set[str]:
+        """Of these ids, those no reservation inside the principal's scope was ever made with
+        (database mode): another scope's reservation is as unknown as one never made."""
+        known = set(
+            selectors.reservations_for_principal(principal)
+            .filter(reservation_id__in=reservation_ids)
+            .values_list("reservation_id", flat=True)
+        )
+        return reservation_ids - known
 
-def usage_written_direct(plan: UsagePlan) -> None:
-    """Usage is being written straight to the database although Redis is configured (it was
-    unreachable): in the same transaction, record which counters it skipped, so they are
-    rebuilt before anyone relies on them again (services.counters_rebuild)."""
-    if not plan.windows:
-        return
-    CounterRebuild.objects.create(
-        counters=[[budget_id, at.isoformat()] for budget_id, at in plan.windows.values()]
-    )
-    counters.rebuild_due = True
+    def stored_direct(
+        self, accounting: hooks.Accounting, *, settled: dict[str, str], redis_configured: bool
+    ) -> None:
+        plan = accounting.state
+        if redis_configured and isinstance(plan, UsagePlan) and plan.windows:
+            # Written straight to the database although Redis is configured (it was
+            # unreachable): in the same transaction, record which counters it skipped, so they
+            # are rebuilt before anyone relies on them again (services.counters_rebuild).
+            CounterRebuild.objects.create(
+                counters=[[budget_id, at.isoformat()] for budget_id, at in plan.windows.values()]
+            )
+            counters.rebuild_due = True
+        now = timezone.now()
+        for reservation_id, request_id in settled.items():  # only open ones change
+            Reservation.objects.filter(
+                reservation_id=reservation_id, status=Reservation.Status.OPEN
+            ).update(
+                status=Reservation.Status.SETTLED, settled_request_id=request_id, closed_at=now
+            )
 
-
-def reservations_unknown_db(reservation_ids: set[str], *, principal: Principal) -> set[str]:
-    """Of these ids, those no reservation inside the principal's scope was ever made with
-    (database mode): another scope's reservation is as unknown as one never made."""
-    if not reservation_ids:
-        return set()
-    known = set(
-        selectors.reservations_for_principal(principal)
-        .filter(reservation_id__in=reservation_ids)
-        .values_list("reservation_id", flat=True)
-    )
-    return reservation_ids - known
-
-
-def reservations_settle_db(settled: dict[str, str]) -> None:
-    """reservation_id → request_id of the usage that settled it; only open ones change."""
-    now = timezone.now()
-    for reservation_id, request_id in settled.items():
-        Reservation.objects.filter(
-            reservation_id=reservation_id, status=Reservation.Status.OPEN
-        ).update(status=Reservation.Status.SETTLED, settled_request_id=request_id, closed_at=now)
-
-
-def usage_counted(budget_ids: set[int]) -> None:
-    """Usage landed on these budgets: evaluate their alerts soon (throttled)."""
-    from budgets import alerts  # here: alerts imports usage.services, which imports this module
-
-    alerts.alerts_evaluate_soon(budget_ids)
+    def counted(self, accounting: hooks.Accounting) -> None:
+        """Usage landed on these budgets: evaluate their alerts soon (throttled)."""
+        plan = accounting.state
+        if isinstance(plan, UsagePlan) and plan.budget_ids:
+            alerts.alerts_evaluate_soon(plan.budget_ids)

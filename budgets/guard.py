@@ -10,10 +10,12 @@ visible usage with `workflow_id == run_id` and `agent == agent`; no run_id means
 0). Usage still in the Redis buffer (not flushed yet) is counted too. A prompt is rejected
 (`over_budget`) when `used + prompt_tokens + max_output_tokens` exceeds the budget, because the
 reply spends the same budget; it is rejected (`over_context_window`) when `prompt_tokens +
-max_output_tokens` exceeds the model's window, which holds the reply too. The budget context
-(`used`, `remaining`, `percent`, `approaching_limit`, `text`, `max_tokens_tier`) describes the run
-*before* this call, as the SPEC words it; `used_after`/`remaining_after`/`percent_after` add this
-call's prompt and max_output_tokens.
+max_output_tokens` exceeds the model's window, which holds the reply too. In the budget context
+`used`, `remaining` and `percent` are the run *before* this call; `used_after`, `remaining_after`
+and `percent_after` add this call's prompt and max_output_tokens. `approaching_limit`,
+`max_tokens_tier` and `text` describe the run *with* this call, because the agent sizes this
+call's tools from them (SPEC §5); `approaching_limit_before` and `max_tokens_tier_before` are the
+same figures without it.
 Rejected or not, the answer is 200: `allowed` and `reason` are what an agent
 branches on; only malformed input is a 400.
 """
@@ -27,19 +29,20 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from django.db.models import Sum
 from drf_spectacular.utils import extend_schema
-from pydantic import Field
+from pydantic import BaseModel, Field
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from budgets import counters
+from budgets import selectors as budget_selectors
 from budgets.models import AgentProfile
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.actions import Outcome, action, validate
+from tokenmgr_project.core.api import ActionView
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal
 from usage import pricing, selectors, tokenizer
-from usage.actions import Outcome, action, validate
-from usage.apis import ActionView
-from usage.auth import Principal
-from usage.errors import ApiError
-from usage.rows import ROW_INDEX
+from usage.rows import ROW_INDEX, Row
 from usage.schemas import MAX_TOKENS, Strict
 
 Tokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)]
@@ -88,6 +91,9 @@ _TIER_ADVICE: dict[Tier, str] = {
 
 
 class GuardIn(Strict):
+    """Also required: `prompt` and/or `messages`; `model` unless the agent has a profile;
+    `token_budget_override` with `warning_threshold_override` when it has none."""
+
     agent: Name
     model: Name | None = None
     system_prompt: Text = ""
@@ -110,8 +116,10 @@ class BudgetContext:
     used_after: int
     remaining_after: int
     percent_after: Decimal
+    approaching_limit_before: bool
     text: str
     max_tokens_tier: Tier
+    max_tokens_tier_before: Tier
 
     def as_dict(self) -> dict[str, Any]:
         # Percentages as "82.50" strings, like GET /budgets/<id>/status.
@@ -143,6 +151,61 @@ class GuardResult:
         body = asdict(self)
         body["budget_context"] = self.budget_context.as_dict() if self.budget_context else None
         return body
+
+
+# --- response body (STYLE 6b) --------------------------------------------------------------------
+
+Percent = Annotated[str, Field(description="A percentage with two decimals.")]
+# Tier as two enums: one enum of mixed types is not something OpenAPI 3.0 tools read.
+TierOut = Literal["full", "stop"] | Literal[2000, 1000, 500]
+
+
+class GuardWarningOut(BaseModel):
+    code: Literal["estimated_count", "default_context_window", "over_warning_threshold"]
+    message: str
+
+
+class BudgetContextOut(BaseModel):
+    """The run's token budget: `used`/`remaining`/`percent` before this call, `*_after` with its
+    prompt and max_output_tokens; `approaching_limit`, `max_tokens_tier` and `text` count this
+    call (the `*_before` fields do not)."""
+
+    budget: int
+    warning_threshold: int
+    used: int = Field(description="Tokens the run used before this call.")
+    remaining: int
+    percent: Percent
+    approaching_limit: bool = Field(description="Over 80 % of the budget, this call included.")
+    used_after: int = Field(description="`used` plus this call's prompt and max_output_tokens.")
+    remaining_after: int
+    percent_after: Percent
+    approaching_limit_before: bool = Field(description="Over 80 % before this call.")
+    text: str = Field(description="One line for the agent's system prompt, this call included.")
+    max_tokens_tier: TierOut = Field(
+        description="Tool max_tokens from the share left with this call: >50 % full, 20-50 % "
+        "2000, 5-20 % 1000, 1-5 % 500, under 1 % stop."
+    )
+    max_tokens_tier_before: TierOut
+
+
+class GuardOut(BaseModel):
+    allowed: bool
+    reason: Literal["over_budget", "over_context_window"] | None
+    message: str
+    agent: str
+    profile: str | None = Field(description="The agent profile applied, if the agent has one.")
+    model: str
+    run_id: str
+    prompt_tokens: int
+    max_output_tokens: int | None
+    encoding: str
+    estimated: bool = Field(description="Counted with a stand-in encoding (non-OpenAI model).")
+    context_window: int
+    context_window_source: Literal["catalogue", "table", "default"]
+    budget_context: BudgetContextOut | None = Field(
+        description="Absent (null) when the agent has no profile and no token_budget_override."
+    )
+    warnings: list[GuardWarningOut]
 
 
 def context_window_for(model: str) -> tuple[int, Literal["catalogue", "table", "default"]]:
@@ -180,16 +243,17 @@ def run_tokens_used(*, principal: Principal, agent: str, run_id: str) -> int:
     )
     used = int(totals["tokens"] or 0)
     if tm_redis.available():
-        wanted = {"workflow_id": run_id, "agent": agent}
-        if principal.team_id:
-            wanted["team_id"] = principal.team_id
-        if principal.project_id:
-            wanted["project_id"] = principal.project_id
         col = ROW_INDEX
-        try:
-            pending = counters.unflushed(
-                lambda row: all(row[col[k]] == v for k, v in wanted.items())
+
+        def mine(row: Row) -> bool:
+            return (
+                row[col["workflow_id"]] == run_id
+                and row[col["agent"]] == agent
+                and principal.covers(row[col["team_id"]], row[col["project_id"]])
             )
+
+        try:
+            pending = counters.unflushed(mine)
         except tm_redis.REDIS_ERRORS:
             tm_redis.trip()
             pending = []
@@ -207,35 +271,44 @@ def max_tokens_tier(*, budget: int, remaining: int) -> Tier:
 
 
 def _percent(part: int, whole: int) -> Decimal:
-    return (Decimal(part) * 100 / Decimal(whole)).quantize(Decimal("0.01"), ROUND_HALF_UP)
+    return budget_selectors.percent(part, whole, rounding=ROUND_HALF_UP) or Decimal(0)
 
 
 def _percent_text(value: Decimal) -> str:
     return f"{value:,.1f}".removesuffix(".0")
 
 
+def _approaching(*, budget: int, used: int) -> bool:
+    return used * 100 > APPROACHING_PERCENT * budget
+
+
 def budget_context(
     *, budget: int, warning_threshold: int, used: int, this_call: int
 ) -> BudgetContext:
+    """The run's budget before and with this call (`this_call`: prompt + max output tokens)."""
     remaining = max(budget - used, 0)
-    percent = _percent(used, budget)
-    tier = max_tokens_tier(budget=budget, remaining=remaining)
+    used_after = used + this_call
+    remaining_after = max(budget - used_after, 0)
+    percent_after = _percent(used_after, budget)
+    tier = max_tokens_tier(budget=budget, remaining=remaining_after)
     text = (
-        f"Token budget: {used:,} of {budget:,} used ({_percent_text(percent)} %); "
-        f"{remaining:,} left — {_TIER_ADVICE[tier]}"
+        f"Token budget: {used_after:,} of {budget:,} used, this call included "
+        f"({_percent_text(percent_after)} %); {remaining_after:,} left — {_TIER_ADVICE[tier]}"
     )
     return BudgetContext(
         budget=budget,
         warning_threshold=warning_threshold,
         used=used,
         remaining=remaining,
-        percent=percent,
-        approaching_limit=used * 100 > APPROACHING_PERCENT * budget,
-        used_after=used + this_call,
-        remaining_after=max(budget - used - this_call, 0),
-        percent_after=_percent(used + this_call, budget),
+        percent=_percent(used, budget),
+        approaching_limit=_approaching(budget=budget, used=used_after),
+        used_after=used_after,
+        remaining_after=remaining_after,
+        percent_after=percent_after,
+        approaching_limit_before=_approaching(budget=budget, used=used),
         text=text,
         max_tokens_tier=tier,
+        max_tokens_tier_before=max_tokens_tier(budget=budget, remaining=remaining),
     )
 
 
@@ -374,6 +447,6 @@ class GuardApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "guard"}
     fast_post = True  # agents call it before every LLM call
 
-    @extend_schema(request=GuardIn, responses={200: dict}, summary="Agent token guard")
+    @extend_schema(request=GuardIn, responses={200: GuardOut}, summary="Agent token guard")
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))

@@ -18,18 +18,18 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from pydantic import Field
+from pydantic import BaseModel, Field
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from budgets.models import Budget, BudgetOverride
 from budgets.selectors import budget_for_principal
 from budgets.services import budget_limits_changed
+from tokenmgr_project.core.actions import Outcome, action, validate
+from tokenmgr_project.core.api import ActionView, Money, query_params, with_url_id
+from tokenmgr_project.core.errors import ApiError, FieldErrors, validation_error
+from tokenmgr_project.core.principal import Principal
 from usage import pricing
-from usage.actions import Outcome, action, validate
-from usage.apis import ActionView, _query, with_url_id
-from usage.auth import Principal
-from usage.errors import ApiError, FieldErrors, validation_error
 from usage.models import ApiKey
 from usage.schemas import Instant, Strict
 
@@ -46,6 +46,9 @@ Reason = Annotated[str, Field(strict=True, max_length=MAX_REASON)]
 
 
 class OverrideRequestIn(Strict):
+    """`expires_at` must be in the future. Also required: `extra_cost` and/or `extra_tokens`, or
+    `"unlimited": true`."""
+
     budget_id: Annotated[int, Field(strict=True)]
     extra_cost: Annotated[Decimal, Field(gt=0, max_digits=20, decimal_places=6)] | None = None
     extra_tokens: Annotated[int, Field(strict=True, gt=0, le=MAX_EXTRA_TOKENS)] | None = None
@@ -356,6 +359,33 @@ def list_overrides(principal: Principal, data: Any) -> Outcome:
 # --- DRF views -----------------------------------------------------------------------------------
 
 
+class OverrideRequesterOut(BaseModel):
+    user: str | None = Field(description="The staff user who asked (None: an API key did).")
+    api_key_id: int | None
+
+
+class OverrideOut(BaseModel):
+    id: int
+    budget_id: int
+    status: Literal["pending", "approved", "rejected", "expired"]
+    extra_cost: Money | None
+    extra_tokens: int | None
+    unlimited: bool
+    amount: str = Field(description="What the override grants, as text.")
+    reason: str
+    expires_at: str | None
+    requested_at: str | None
+    requested_by: OverrideRequesterOut
+    decided_by: str | None
+    decided_at: str | None
+    decision_reason: str
+
+
+class OverrideListOut(BaseModel):
+    budget_id: int
+    results: list[OverrideOut]
+
+
 class BudgetOverridesApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {
         "get": "list_overrides",
@@ -364,13 +394,15 @@ class BudgetOverridesApi(ActionView):
 
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=[s.value for s in BudgetOverride.Status])],
-        responses={200: dict},
+        responses={200: OverrideListOut},
         summary="A budget's overrides (history)",
     )
     def get(self, request: Request, budget_id: int) -> Response:
-        return self._run(request, "get", {**_query(request), "budget_id": budget_id})
+        return self._run(request, "get", {**query_params(request), "budget_id": budget_id})
 
-    @extend_schema(request=OverrideRequestIn, responses={201: dict}, summary="Request an override")
+    @extend_schema(
+        request=OverrideRequestIn, responses={201: OverrideOut}, summary="Request an override"
+    )
     def post(self, request: Request, budget_id: int) -> Response:
         return self._run(request, "post", with_url_id(self._body(request), "budget_id", budget_id))
 
@@ -378,7 +410,9 @@ class BudgetOverridesApi(ActionView):
 class OverrideApproveApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "approve_override"}
 
-    @extend_schema(request=OverrideDecisionIn, responses={200: dict}, summary="Approve override")
+    @extend_schema(
+        request=OverrideDecisionIn, responses={200: OverrideOut}, summary="Approve override"
+    )
     def post(self, request: Request, override_id: int) -> Response:
         body = with_url_id(self._body(request), "override_id", override_id)
         return self._run(request, "post", body)
@@ -387,7 +421,9 @@ class OverrideApproveApi(ActionView):
 class OverrideRejectApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "reject_override"}
 
-    @extend_schema(request=OverrideDecisionIn, responses={200: dict}, summary="Reject override")
+    @extend_schema(
+        request=OverrideDecisionIn, responses={200: OverrideOut}, summary="Reject override"
+    )
     def post(self, request: Request, override_id: int) -> Response:
         body = with_url_id(self._body(request), "override_id", override_id)
         return self._run(request, "post", body)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zoneinfo
+from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
-from usage.schemas import MAX_TOKENS, Dim, Strict, TokenCount
+from usage.schemas import MAX_TOKENS, Dim, Instant, Strict, TokenCount
 
 Percent = Annotated[Decimal, Field(gt=0, le=100, max_digits=5, decimal_places=2)]
 CostLimit = Annotated[Decimal, Field(gt=0, max_digits=20, decimal_places=6)]
@@ -47,6 +48,8 @@ def _thresholds(value: list[Decimal] | None) -> list[Decimal] | None:
 
 
 class BudgetIn(Strict):
+    """Also required: `scope_id` unless the scope is global; `cost_limit` and/or `token_limit`."""
+
     name: Name
     scope: Scope
     scope_id: Dim = ""
@@ -91,7 +94,8 @@ class ChatMessage(Strict):
 
 
 class BudgetCheckIn(Strict):
-    """A request about to be made: its attribution, model and size (tokens or the messages)."""
+    """A request about to be made: its attribution, model and size. Also required: exactly one
+    of `input_tokens`, `messages` or `prompt`."""
 
     provider: Annotated[str, Field(strict=True, max_length=64)] = ""
     model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
@@ -115,4 +119,81 @@ class ReservationCancelIn(Strict):
     reservation_id: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
 
 
-__all__ = ["MAX_TOKENS", "BudgetCheckIn", "BudgetIn", "BudgetPatchIn", "ReservationCancelIn"]
+# --- alerts --------------------------------------------------------------------------------------
+
+AlertKind = Literal["threshold", "exhausted", "resolved", "burn_rate", "rollover"]
+MAX_ALERT_PAGE = 500
+# A cursor is the id of the last alert of the previous page (newest first).
+AlertCursor = Annotated[str, Field(strict=True, pattern=r"^[0-9]{1,19}$")]
+
+
+def _iso_8601(value: Any) -> Any:
+    # pydantic would also read "0" or "0.5" as a Unix time.
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("Use an ISO 8601 date-time.") from None
+    return value
+
+
+Since = Annotated[Instant, BeforeValidator(_iso_8601)]
+
+
+class AlertListIn(Strict):
+    """Query parameters of GET /alerts: text from a query string, numbers from /signals."""
+
+    budget_id: Annotated[int, Field(gt=0, le=2**63 - 1)] | None = None
+    kind: AlertKind | None = None
+    since: Since | None = None
+    cursor: AlertCursor | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_ALERT_PAGE)] = 100
+
+
+# --- agent profiles ------------------------------------------------------------------------------
+
+AgentName = Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+# PositiveIntegerField: PostgreSQL's integer.
+ProfileTokens = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
+
+
+class AgentProfileListIn(Strict):
+    name: AgentName | None = None
+
+
+class AgentProfileIn(Strict):
+    """`warning_threshold`, when given, is at most `token_budget`."""
+
+    name: AgentName = Field(description="The `agent` that POST /guard callers name.")
+    model: AgentName = Field(description="The model the guard counts with by default.")
+    token_budget: ProfileTokens = Field(description="Tokens one run may use.")
+    warning_threshold: ProfileTokens | None = Field(
+        None, description="Warn above this many tokens (null: 80 % of token_budget)."
+    )
+
+    _check_text = field_validator("name", "model")(_storable)
+
+
+class AgentProfilePatchIn(Strict):
+    """Only the fields given change; `warning_threshold: null` returns to the 80 % default."""
+
+    # Absent: unchanged; null is refused (the schema says so: not nullable).
+    name: AgentName = None  # type: ignore[assignment]
+    model: AgentName = None  # type: ignore[assignment]
+    token_budget: ProfileTokens = None  # type: ignore[assignment]
+    warning_threshold: ProfileTokens | None = None
+
+    _check_text = field_validator("name", "model")(_storable)
+
+
+__all__ = [
+    "MAX_TOKENS",
+    "AgentProfileIn",
+    "AgentProfileListIn",
+    "AgentProfilePatchIn",
+    "AlertListIn",
+    "BudgetCheckIn",
+    "BudgetIn",
+    "BudgetPatchIn",
+    "ReservationCancelIn",
+]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
@@ -16,18 +17,20 @@ from django.utils import timezone
 from budgets import counters
 from budgets.models import (
     SCOPE_COLUMNS,
+    AgentProfile,
     Budget,
+    BudgetAlert,
     BudgetOverride,
     CounterRebuild,
     Reservation,
     Window,
 )
-from tokenmgr_project import redis as tm_redis
-from tokenmgr_project import unavailable
-from usage.auth import Principal
-from usage.errors import ApiError
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core import unavailable
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal, in_scope
 from usage.pricing import money
-from usage.selectors import in_scope
+from usage.rows import Row
 
 # Attribution dimensions a budget can be keyed on (usage columns).
 DIMENSIONS = ("team_id", "project_id", "user_id", "agent", "feature")
@@ -151,6 +154,7 @@ class _Rules:
 # Budgets and overrides change rarely; every process re-reads them at least this often, and at
 # once after a change made in this process (budget_limits_changed).
 RULES_TTL_SECONDS = 1.0
+FRESH_MARGIN_SECONDS = 0.1
 _rules = _Rules()
 _rules_lock = threading.Lock()
 _rules_loaded_once = False
@@ -184,6 +188,12 @@ def _load_rules(now: datetime) -> _Rules:
         # this one's next check rebuilds the counters first. Once per reload, not per request.
         counters.rebuild_due = True
     return fresh
+
+
+def rules_fresh() -> bool:
+    """Will the cached rules still be current for the next moment (the length of one check:
+    active_rules will not read the database meanwhile)?"""
+    return time.monotonic() - _rules.loaded_at < RULES_TTL_SECONDS - FRESH_MARGIN_SECONDS
 
 
 def active_rules() -> _Rules:
@@ -234,29 +244,43 @@ def ledger_spend(budget: Budget, window: Window) -> Spend:
 
 
 def current_totals(budget: Budget, window: Window, *, now: datetime) -> counters.Totals:
-    """Spent (including buffered usage) and held for one budget's window."""
+    """Spent (including buffered usage) and held for one budget's window: the Redis counter
+    when it is seeded and current, else computed from the ledger and the buffer. Reads only:
+    seeding, rebuilding and sweeping expired holds are the checks' and the beat's work."""
+    buffered: list[Row] = []
     if tm_redis.available():
         try:
-            from budgets.services import counter_seed, counters_rebuild
-
-            if counters.rebuild_due:  # usage went straight to the database lately
-                counters_rebuild()
-            counters.redis_sweep(limit=100)
-            totals = counters.redis_totals(budget.pk, window)
-            if totals is None:
-                counter_seed(budget, window)
-                totals = counters.redis_totals(budget.pk, window)
+            totals = None if counters.rebuild_due else counters.redis_totals(budget.pk, window)
             if totals is not None:
                 return totals
+            # Not seeded (no hold can exist then) or being rebuilt: the ledger plus the buffer.
+            buffered = counters.buffered_rows()
         except tm_redis.REDIS_ERRORS:
             tm_redis.trip()
-    return counters.db_totals([budget], [window], now=now)[0]
+    totals = counters.db_totals([budget], [window], now=now)[0]
+    if buffered:
+        for row in counters.unflushed(lambda r: counters.row_matches(budget, window, r), buffered):
+            cost, tokens = counters.row_spend(row)
+            totals = dataclasses.replace(
+                totals,
+                cost_units=totals.cost_units + counters.to_units(cost),
+                tokens=totals.tokens + tokens,
+            )
+    return totals
 
 
-def _percent(spent: Decimal, limit: Decimal | None) -> Decimal | None:
+def percent(
+    spent: Decimal | int, limit: Decimal | int | None, *, rounding: str = ROUND_HALF_EVEN
+) -> Decimal | None:
+    """The budgets' one percent: spent as a share of limit, to two decimals (None: no limit)."""
     if limit is None or limit <= 0:
         return None
-    return (spent * 100 / limit).quantize(Decimal("0.01"))
+    return (Decimal(spent) * 100 / Decimal(limit)).quantize(Decimal("0.01"), rounding)
+
+
+def plain(value: Decimal) -> str:
+    """A Decimal in plain digits, no exponent or trailing zeros (alert messages and payloads)."""
+    return f"{value.normalize():f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,15 +381,69 @@ def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatu
         cost_remaining=(
             None if limits.cost is None else limits.cost - cost_spent - totals.held_cost
         ),
-        cost_percent=_percent(cost_spent, limits.cost),
+        cost_percent=percent(cost_spent, limits.cost),
         tokens_spent=tokens_spent,
         tokens_reserved=totals.held_tokens,
         tokens_remaining=(
             None if limits.tokens is None else limits.tokens - tokens_spent - totals.held_tokens
         ),
-        tokens_percent=_percent(
+        tokens_percent=percent(
             Decimal(tokens_spent), None if limits.tokens is None else Decimal(limits.tokens)
         ),
         projected_cost=projected_cost,
         projected_tokens=projected_tokens,
     )
+
+
+# --- alerts --------------------------------------------------------------------------------------
+
+
+def alerts_for_principal(principal: Principal) -> QuerySet[BudgetAlert]:
+    """The alerts of the budgets the caller may see (`budgets_for_principal`'s rule)."""
+    visible = budgets_for_principal(principal).values("pk")
+    return BudgetAlert.objects.filter(budget__in=visible).select_related("budget")
+
+
+def alert_list(
+    *,
+    principal: Principal,
+    budget_id: int | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> tuple[list[BudgetAlert], str | None]:
+    """Newest first, keyset-paginated on the id: (alerts, next cursor or None). Another scope's
+    budget answers 404 like an unknown one."""
+    rows = alerts_for_principal(principal)
+    if budget_id is not None:
+        rows = rows.filter(budget=budget_for_principal(principal, budget_id))
+    if kind:
+        rows = rows.filter(kind=kind)
+    if since is not None:
+        rows = rows.filter(created_at__gte=since if since.tzinfo else since.replace(tzinfo=UTC))
+    if cursor:
+        rows = rows.filter(pk__lt=int(cursor))
+    page = list(rows.order_by("-pk")[: limit + 1])
+    next_cursor = str(page[limit - 1].pk) if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+# --- agent profiles ------------------------------------------------------------------------------
+
+
+def agent_profiles_for_principal(principal: Principal) -> QuerySet[AgentProfile]:
+    """Every profile: profiles are organisation-wide (the guard applies one by agent name to any
+    caller), so every key may read them; writing them needs a global key or staff (actions)."""
+    return AgentProfile.objects.all()
+
+
+def get_agent_profile_for_principal(principal: Principal, profile_id: Any) -> AgentProfile:
+    try:
+        return agent_profiles_for_principal(principal).get(pk=int(profile_id))
+    except (AgentProfile.DoesNotExist, TypeError, ValueError, OverflowError):
+        raise ApiError(
+            "Agent profile not found.",
+            fields={"profile_id": ["No such agent profile."]},
+            status_code=404,
+        ) from None

@@ -12,13 +12,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from pydantic import ValidationError
 
-from budgets import counters, selectors
+from budgets import alerts, counters, selectors
 from budgets.models import (
     DEFAULT_THRESHOLDS,
+    AgentProfile,
     Budget,
     BudgetPeriod,
     BudgetThreshold,
@@ -26,9 +28,14 @@ from budgets.models import (
     Window,
 )
 from budgets.schemas import BudgetIn, BudgetPatchIn
-from tokenmgr_project import redis as tm_redis
-from usage.auth import Principal
-from usage.errors import ApiError, FieldErrors, pydantic_field_errors
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.errors import (
+    ApiError,
+    FieldErrors,
+    pydantic_field_errors,
+    validation_error,
+)
+from tokenmgr_project.core.principal import Principal, within_scope
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +67,12 @@ def _normalise_scope(values: dict[str, Any], principal: Principal | None) -> Non
         if values["project_id"] and values["project_id"] != scope_id:
             errors["project_id"] = ["Must equal scope_id for a project budget."]
         values["project_id"] = scope_id
-    if principal is not None and principal.team_id:
-        if values["team_id"] and values["team_id"] != principal.team_id:
-            errors["team_id"] = [
-                f"This API key manages budgets of team {principal.team_id!r} only."
-            ]
-        values["team_id"] = principal.team_id
-    if principal is not None and principal.project_id:
-        if values["project_id"] and values["project_id"] != principal.project_id:
-            errors["project_id"] = [
-                f"This API key manages budgets of project {principal.project_id!r} only."
-            ]
-        values["project_id"] = principal.project_id
+    if principal is not None:
+        values["team_id"], values["project_id"], outside = within_scope(
+            principal, values["team_id"], values["project_id"], doing="manage budgets of"
+        )
+        for name, messages in outside.items():
+            errors.setdefault(name, []).extend(messages)
     if principal is not None and not principal.is_global and scope == Budget.Scope.GLOBAL:
         errors["scope"] = ["A scoped API key cannot manage global budgets."]
     if principal is not None and principal.project_id and scope == Budget.Scope.TEAM:
@@ -131,8 +132,6 @@ def budget_create(*, principal: Principal | None, user: Any = None, **fields: An
 
 
 def _user(user_id: int) -> Any:
-    from django.contrib.auth import get_user_model
-
     return get_user_model().objects.filter(pk=user_id).first()
 
 
@@ -205,8 +204,6 @@ def budget_deactivate(*, budget: Budget) -> Budget:
 def budget_limits_changed(budget_id: int) -> None:
     """A budget or its overrides changed: reload limits here now (others within a second) and
     re-evaluate its alerts (a raised limit may resolve them)."""
-    from budgets import alerts  # here: alerts imports usage.services, which imports this module
-
     selectors.invalidate_rules()
     alerts.alerts_evaluate_soon([budget_id])
 
@@ -325,3 +322,57 @@ def reservations_expire() -> int:
 
 _SWEEP_BATCH = 1000
 _SWEEP_SECONDS = 5.0
+
+
+# --- agent profiles ------------------------------------------------------------------------------
+
+
+def _profile_save(profile: AgentProfile, update_fields: list[str] | None = None) -> None:
+    if profile.warning_threshold is not None and profile.warning_threshold > profile.token_budget:
+        raise ApiError(
+            "Invalid agent profile.",
+            fields={
+                "warning_threshold": [f"Must be at most the token budget ({profile.token_budget})."]
+            },
+        )
+    try:
+        with transaction.atomic():
+            profile.save(update_fields=update_fields)
+    except IntegrityError as exc:
+        if "agentprofile_name_unique" in str(exc) or "UNIQUE" in str(exc).upper():
+            raise ApiError(
+                "Invalid agent profile.",
+                fields={"name": ["An agent profile with this name already exists."]},
+                status_code=409,
+                code="conflict",
+            ) from None
+        raise
+
+
+def agent_profile_create(
+    *, name: str, model: str, token_budget: int, warning_threshold: int | None = None
+) -> AgentProfile:
+    """A guard profile for one agent name (unique: 409 when taken)."""
+    profile = AgentProfile(
+        name=name, model=model, token_budget=token_budget, warning_threshold=warning_threshold
+    )
+    _profile_save(profile)
+    return profile
+
+
+def agent_profile_update(*, profile: AgentProfile, **changes: Any) -> AgentProfile:
+    """Change the given fields (name, model, token_budget, warning_threshold); the next guard
+    call reads them."""
+    unknown = set(changes) - {"name", "model", "token_budget", "warning_threshold"}
+    if unknown:
+        raise validation_error({name: ["Unknown field."] for name in sorted(unknown)})
+    for name, value in changes.items():
+        setattr(profile, name, value)
+    if changes:
+        _profile_save(profile, update_fields=[*changes, "updated_at"])
+    return profile
+
+
+def agent_profile_delete(*, profile: AgentProfile) -> None:
+    """The agent's guard calls then need a model (and token_budget_override for a budget)."""
+    profile.delete()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import shared_task
 from django.db import OperationalError
+from django.dispatch import receiver
 
-from budgets import alerts, deliveries, overrides, services
-from tokenmgr_project.redis import REDIS_ERRORS
+from budgets import alerts, deliveries, overrides, services, signals
+from tokenmgr_project.core.redis import REDIS_ERRORS
+
+logger = logging.getLogger(__name__)
 
 # Transient: a dropped database connection, a deadlock victim, Redis failing over.
 TRANSIENT = (OperationalError, *REDIS_ERRORS)
@@ -76,3 +82,28 @@ def counters_rebuild() -> int:
 def overrides_expire() -> int:
     """Approved and pending overrides past their expiry become expired; returns how many."""
     return overrides.overrides_expire()
+
+
+# --- the services' after-commit announcements, as Celery messages ------------------------------
+
+
+@receiver(signals.evaluations_wanted)
+def _enqueue_evaluations(budget_ids: list[int], **_kwargs: Any) -> None:
+    for budget_id in budget_ids:
+        try:
+            budget_alerts_evaluate.apply_async(
+                (budget_id,), countdown=alerts.EVALUATE_SOON_SECONDS, retry=False
+            )
+        except deliveries.ENQUEUE_ERRORS:
+            logger.warning("could not enqueue alert evaluation; the beat will evaluate it")
+            return
+
+
+@receiver(signals.deliveries_created)
+def _enqueue_deliveries(delivery_ids: list[int], **_kwargs: Any) -> None:
+    for delivery_id in delivery_ids:
+        try:
+            alert_delivery_send.apply_async((delivery_id,), retry=False)
+        except deliveries.ENQUEUE_ERRORS:
+            logger.warning("could not enqueue alert delivery; the sweep will send it")
+            return

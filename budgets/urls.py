@@ -9,6 +9,13 @@ urlpatterns = [
     path("budgets/<int:budget_id>", apis.BudgetDetailApi.as_view(), name="budget-detail"),
     path("budgets/<int:budget_id>/status", apis.BudgetStatusApi.as_view(), name="budget-status"),
     path("guard", guard.GuardApi.as_view(), name="guard"),
+    path("alerts", apis.AlertListApi.as_view(), name="alerts"),
+    path("agent-profiles", apis.AgentProfileListApi.as_view(), name="agent-profiles"),
+    path(
+        "agent-profiles/<int:profile_id>",
+        apis.AgentProfileDetailApi.as_view(),
+        name="agent-profile-detail",
+    ),
     path(
         "budgets/<int:budget_id>/overrides",
         overrides.BudgetOverridesApi.as_view(),

@@ -9,9 +9,10 @@ from pydantic import Field
 from reporting import services
 from reporting.models import StatusCategory
 from reporting.selectors import conversation_visible_to
-from usage.actions import VIEW_USAGE, Outcome, action, validate
-from usage.auth import Principal
-from usage.errors import ApiError
+from tokenmgr_project.core.actions import Outcome, action, validate
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal
+from usage.actions import VIEW_USAGE
 from usage.schemas import Dim, Strict
 
 

@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from reporting.actions import StatusIn
-from usage.apis import ActionView
+from tokenmgr_project.core.api import ActionView
 
 
 class StatusQueuedOut(BaseModel):

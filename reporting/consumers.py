@@ -11,8 +11,8 @@ from rest_framework.exceptions import AuthenticationFailed
 from reporting.models import StatusCategory
 from reporting.selectors import conversation_visible_to
 from reporting.services import status_group
+from tokenmgr_project.core.principal import Principal, principal_for_bearer
 from usage.actions import VIEW_USAGE
-from usage.auth import Principal, principal_for_bearer
 
 CLOSE_FORBIDDEN = 4403
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from usage.auth import Principal
+from tokenmgr_project.core.principal import Principal
 from usage.selectors import usage_for_principal
 
 

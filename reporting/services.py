@@ -11,8 +11,10 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from budgets import deliveries
+from budgets.models import AlertChannel, BudgetAlert
 from reporting.models import QueuedStatus, StatusCategory
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +148,16 @@ def status_queue_stats() -> dict[str, int | None]:
     except tm_redis.REDIS_ERRORS:
         return {"queued": None, "dropped": None}
     return {"queued": int(depth) + in_database, "dropped": int(dropped or 0)}
+
+
+def alert_status_send(channel: AlertChannel, alert: BudgetAlert) -> None:
+    """A budget alert on the live status feed (a `status` alert channel; budgets.deliveries
+    calls it). In the budget's scope: a team budget's alert reaches the team's viewers only."""
+    status_publish(
+        conversation_id=channel.target,
+        category=StatusCategory.BUDGET,
+        message=alert.message,
+        data=deliveries.alert_payload(alert),
+        team_id=alert.budget.team_id,
+        project_id=alert.budget.project_id,
+    )

@@ -16,8 +16,8 @@ from rest_framework.test import APIClient
 
 from budgets import alerts as budget_alerts
 from budgets import selectors as budget_selectors
-from tokenmgr_project import redis as tm_redis
-from tokenmgr_project import unavailable
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core import unavailable
 from usage import pricing, services
 from usage.auth import key_cache
 from usage.models import ApiKey, TokenUsage
@@ -150,7 +150,7 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
     unavailable.reset()  # a database outage simulated by an earlier test is over
     key_cache.clear()
     pricing.overrides.invalidate()
-    services._config_cache = None
+    services.config._config_cache = None
     budget_selectors.invalidate_rules()
     budget_alerts._soon_last.clear()
     yield
@@ -193,6 +193,7 @@ VIEW_PERMISSIONS = (
     "usage.view_modelprice",
     "budgets.view_budget",
     "budgets.view_budgetoverride",
+    "budgets.view_budgetalert",
     "budgets.view_agentprofile",
 )
 
@@ -214,7 +215,8 @@ def staff_noperm(db: None, django_user_model: Any) -> StaffSession:
 
 @pytest.fixture
 def staff_viewer(db: None, django_user_model: Any) -> StaffSession:
-    """A staff user with the view permissions (usage, prices, budgets, overrides, agents)."""
+    """A staff user with the view permissions (usage, prices, budgets, overrides, alerts,
+    agents)."""
     return _staff_persona(django_user_model, "staff_viewer", VIEW_PERMISSIONS)
 
 

@@ -12,7 +12,7 @@ from django.test import override_settings
 
 from tests.conftest import Persona, event, settle
 from tests.processes import RedisServer
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage.models import TokenUsage
 
 pytestmark = pytest.mark.services

@@ -69,6 +69,47 @@ def test_up_starts_the_whole_system_and_usage_reaches_the_ledger(tmp_path: Path)
         code = up.stop()
     assert code == 0, up.output()
     assert "Admin:" in up.output()
+    assert "No hostname was supplied" not in up.output()  # kombu, on a broker URL without one
+
+
+def test_it_prints_commands_that_act_on_the_running_system_from_another_terminal(
+    tmp_path: Path,
+) -> None:
+    up = Up({**_env(tmp_path), "SECRET_KEY": "only-up-was-given-this"}, "--workers", "1")
+    try:
+        up.wait_healthy()
+        banner = up.output()
+        command = re.search(r"  API key:  (.+ apikey create --name me)   \(", banner)
+        assert command, banner
+        assert f"  Login:    {command[1].split(' apikey ')[0]} createsuperuser" in banner
+        # A second terminal knows none of the variables up was started with.
+        second = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "TOKENMGR_DATA_DIR"}
+        }
+        done = subprocess.run(
+            f"{command[1]} --quiet",
+            shell=True,
+            cwd=ROOT,
+            env=second,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        body = {"request_id": "second-terminal", "model": "gpt-4o", "input_tokens": 1}
+        assert up.api("usage", body, done.stdout.strip())[0] == 201
+    finally:
+        code = up.stop()
+    assert code == 0, up.output()
+    said = re.search(r"takes (.*?) from", " ".join(banner.split()))
+    assert said, banner
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY"):
+        assert name in said[1].split(", ")
+        assert name in done.stderr  # manage.py says where it took them from
+    assert (tmp_path / "effective.env").stat().st_mode & 0o777 == 0o600  # it holds the secret
 
 
 def test_it_restarts_a_crashed_child_and_stops_only_when_asked(tmp_path: Path) -> None:

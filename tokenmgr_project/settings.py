@@ -1,28 +1,48 @@
 """One settings module, driven by environment variables (every one is listed in .env.example).
 
-A bad value stops start-up with a message naming the variable; defaults give a working local
-system on SQLite with no Redis (the "embedded default").
+A bad value stops start-up with one line naming the variable (no traceback, exit status 2), in
+every process that loads these settings (manage.py, the server, Celery); defaults give a working
+local system on SQLite with no Redis (the "embedded default").
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import dj_database_url
-from django.core.exceptions import ImproperlyConfigured
+
+from tokenmgr_project.core.envfile import DEFAULT_DATA_DIR, redacted
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Every variable this module reads, in order: `manage.py up` saves those that are set for the
+# management commands of other terminals (tokenmgr_project.core.envfile).
+_env_names: list[str] = []
+
+
+def config_error(message: str) -> NoReturn:
+    """Stop the process with one line naming the variable: a traceback would bury it."""
+    sys.stderr.write(f"tokenmgr: configuration error: {message} (see .env.example)\n")
+    raise SystemExit(2)
+
+
+def env_raw(name: str) -> str | None:
+    if name not in _env_names:
+        _env_names.append(name)
+    return os.environ.get(name)
 
 
 def env_str(name: str, default: str) -> str:
     """The variable's value; unset or empty means the default."""
-    return os.environ.get(name) or default
+    return env_raw(name) or default
 
 
 def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
+    raw = env_raw(name)
     if raw is None or raw == "":
         return default
     lowered = raw.strip().lower()
@@ -30,32 +50,32 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false)")
+    config_error(f"{name}={raw!r} is not a boolean (use true/false)")
 
 
 def env_int(name: str, default: int, *, minimum: int, maximum: int) -> int:
-    raw = os.environ.get(name)
+    raw = env_raw(name)
     if raw is None or raw == "":
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+        config_error(f"{name}={raw!r} is not an integer")
     if not minimum <= value <= maximum:
-        raise ImproperlyConfigured(f"{name}={value} is outside {minimum}..{maximum}")
+        config_error(f"{name}={value} is outside {minimum}..{maximum}")
     return value
 
 
 def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
-    raw = os.environ.get(name)
+    raw = env_raw(name)
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+        config_error(f"{name}={raw!r} is not a number")
     if not minimum <= value <= maximum:
-        raise ImproperlyConfigured(f"{name}={value} is outside {minimum}..{maximum}")
+        config_error(f"{name}={value} is outside {minimum}..{maximum}")
     return value
 
 
@@ -63,20 +83,37 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
 
+def env_url(name: str, default: str, *, schemes: list[str]) -> str:
+    """A URL (or the empty default) whose scheme is one of `schemes` and whose port is a number."""
+    url = env_str(name, default)
+    if not url:
+        return url
+    shown = f"{name}={redacted(url)!r}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- urllib checks the port only when it is read
+    except ValueError as exc:
+        config_error(f"{shown} is not a valid URL ({exc})")
+    if parts.scheme not in schemes:
+        config_error(f"{shown} is not a {', '.join(f'{s}://' for s in schemes)} URL")
+    return url
+
+
 DEBUG = env_bool("DEBUG", False)
 _INSECURE_DEV_KEY = "insecure-local-development-key-change-me-in-production-0123456789"
 # A PostgreSQL DATABASE_URL means a real deployment: it must bring its own secret.
-_production_db = urlsplit(os.environ.get("DATABASE_URL", "")).scheme not in {"", "sqlite"}
+_DATABASE_SCHEMES = ["sqlite", "postgres", "postgresql", "pgsql"]
+_db_scheme = urlsplit(env_url("DATABASE_URL", "", schemes=_DATABASE_SCHEMES)).scheme
+_production_db = _db_scheme not in {"", "sqlite"}
 SECRET_KEY = env_str("SECRET_KEY", "") or (
     "" if _production_db and not DEBUG else _INSECURE_DEV_KEY
 )
 if not SECRET_KEY:
-    raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL points at PostgreSQL")
+    config_error("SECRET_KEY must be set when DATABASE_URL points at PostgreSQL")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -84,7 +121,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
@@ -104,7 +140,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # A database outage in a non-DRF view (admin): 503 + Retry-After, JSON error shape.
-    "tokenmgr_project.unavailable.DatabaseUnavailableMiddleware",
+    "tokenmgr_project.core.unavailable.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "tokenmgr_project.urls"
@@ -127,14 +163,26 @@ TEMPLATES = [
 ]
 
 # --- Database: PostgreSQL from DATABASE_URL, else an SQLite file (embedded default) ---
-DATA_DIR = Path(env_str("TOKENMGR_DATA_DIR", str(BASE_DIR / "var")))
+DATA_DIR = Path(env_str("TOKENMGR_DATA_DIR", str(DEFAULT_DATA_DIR))).absolute()
+# Made here, so that any management command works on a fresh clone (`migrate` included).
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    config_error(f"TOKENMGR_DATA_DIR={str(DATA_DIR)!r} cannot be created ({exc.strerror})")
 _default_sqlite = f"sqlite:///{DATA_DIR / 'tokenmgr.sqlite3'}"
-DATABASE_URL = env_str("DATABASE_URL", "") or _default_sqlite
-_db_scheme = urlsplit(DATABASE_URL).scheme
-if _db_scheme not in {"sqlite", "postgres", "postgresql", "pgsql"}:
-    raise ImproperlyConfigured(f"DATABASE_URL scheme {_db_scheme!r} is not sqlite or postgres")
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=600)}
+DATABASE_URL = env_url("DATABASE_URL", _default_sqlite, schemes=_DATABASE_SCHEMES)
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=600)}
+except ValueError as exc:
+    config_error(f"DATABASE_URL={redacted(DATABASE_URL)!r} cannot be read ({exc})")
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if DATABASES["default"]["NAME"] not in {"", ":memory:"}:
+        try:
+            Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            config_error(
+                f"DATABASE_URL={DATABASE_URL!r}: its folder cannot be made ({exc.strerror})"
+            )
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets the API, worker and beat processes read while one of them writes.
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
@@ -149,24 +197,25 @@ else:
     DATABASES["default"]["ENGINE"] = "tokenmgr_project.db.postgresql"
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # A database host that stops answering would otherwise hang each connection attempt for the
-    # OS TCP timeout (minutes); with it an outage is a prompt 503 (tokenmgr_project.unavailable).
+    # OS TCP timeout (minutes); with it an outage is a prompt 503 (core.unavailable).
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 3)
     DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: buffer, counters, broker, channel layer. Empty means the embedded default. ---
-REDIS_URL = env_str("REDIS_URL", "")
-if REDIS_URL and urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
-    raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} is not a redis:// URL")
+REDIS_URL = env_url("REDIS_URL", "", schemes=["redis", "rediss", "unix"])
+_redis_db = urlsplit(REDIS_URL).path.strip("/")
+if REDIS_URL.startswith("redis") and _redis_db and not _redis_db.isdigit():
+    config_error(f"REDIS_URL={redacted(REDIS_URL)!r}: the database {_redis_db!r} is not a number")
 # Every Redis key this service writes starts with this, so tests and tenants can share a server.
 REDIS_KEY_PREFIX = env_str("TOKENMGR_REDIS_PREFIX", "tokenmgr")
 # Usage is acknowledged once it is in the Redis buffer, so the buffer is only used on a Redis that
 # persists it (appendonly yes). On a volatile Redis ingestion writes straight to the database,
 # unless this explicitly accepts that a Redis crash loses what was acknowledged but not flushed.
 # Only the words true/false are accepted: a typo must not quietly decide about durability.
-_volatile_ok_raw = os.environ.get("TOKENMGR_BUFFER_VOLATILE_OK", "")
+_volatile_ok_raw = env_str("TOKENMGR_BUFFER_VOLATILE_OK", "")
 if _volatile_ok_raw.strip().lower() not in {"", "true", "false"}:
-    raise ImproperlyConfigured(
+    config_error(
         f"TOKENMGR_BUFFER_VOLATILE_OK={_volatile_ok_raw!r} must be true or false (true accepts "
         "losing acknowledged usage if a Redis without persistence crashes)"
     )
@@ -191,7 +240,9 @@ TOKENMGR_HTTP_THREADS = env_int("TOKENMGR_HTTP_THREADS", 4, minimum=1, maximum=2
 
 # --- Celery: Redis broker when configured, else a filesystem broker under DATA_DIR so the
 # embedded default still runs the real worker and beat schedule without any service. ---
-CELERY_BROKER_URL = REDIS_URL or "filesystem://"
+# The filesystem transport ignores the host, but kombu warns "No hostname was supplied" for
+# each connection without one (the worker made three at start-up).
+CELERY_BROKER_URL = REDIS_URL or "filesystem://localhost//"
 if not REDIS_URL:
     _broker_dir = DATA_DIR / "broker"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -243,15 +294,15 @@ REST_FRAMEWORK = {
         "usage.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["usage.auth.IsPrincipal"],
-    # DRF's JSONParser reading through usage.parsers.load_json (depth limit, as the fast path).
-    "DEFAULT_PARSER_CLASSES": ["usage.parsers.JsonParser"],
+    "DEFAULT_PERMISSION_CLASSES": ["tokenmgr_project.core.principal.IsPrincipal"],
+    # DRF's JSONParser reading through core.parsers.load_json (depth limit, as the hot path).
+    "DEFAULT_PARSER_CLASSES": ["tokenmgr_project.core.parsers.JsonParser"],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
-    "DEFAULT_SCHEMA_CLASS": "tokenmgr_project.openapi.ActionSchema",
-    "EXCEPTION_HANDLER": "usage.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "tokenmgr_project.core.openapi.ActionSchema",
+    "EXCEPTION_HANDLER": "tokenmgr_project.core.api.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -267,7 +318,7 @@ SPECTACULAR_SETTINGS = {
     # Valid OpenAPI 3.0.3 and every error answer documented (tests/test_schemathesis.py).
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "tokenmgr_project.openapi.postprocess",
+        "tokenmgr_project.core.openapi.postprocess",
     ],
 }
 
@@ -293,10 +344,18 @@ TIKTOKEN_CACHE_DIR = Path(env_str("TIKTOKEN_CACHE_DIR", str(DATA_DIR / "tiktoken
 
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    config_error(
+        f"LOG_LEVEL={env_raw('LOG_LEVEL')!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# Last, so that it names every variable read above.
+TOKENMGR_ENV_NAMES = tuple(_env_names)

@@ -5,24 +5,24 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlencode
 
-from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from pydantic import BaseModel, ConfigDict, Field, RootModel
-from rest_framework import exceptions, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tokenmgr_project import (
-    openapi,  # noqa: F401  (registers the request-body schema extension)
-    unavailable,
+from tokenmgr_project.core import actions
+from tokenmgr_project.core.api import (
+    MAX_QUERY_LENGTH,
+    ActionView,
+    FieldMessages,
+    Money,
+    query_params,
 )
-from usage import actions
-from usage.auth import BEARER_CHALLENGE, principal_for, principal_for_bearer
-from usage.errors import ApiError, body_too_large_error, error_body, validation_error
-from usage.parsers import load_json
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import principal_for
+from usage import actions as usage_actions
 from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
@@ -37,123 +37,9 @@ from usage.selectors import (
     INTERVALS,
     MAX_FILTER_LENGTH,
     MAX_PAGE,
-    MAX_QUERY_LENGTH,
     MAX_SUMMARY_ROWS,
     MAX_TIME_LENGTH,
-    query_text,
 )
-
-_RESERVED_QUERY = {"format"}
-
-
-def _query(request: Request) -> dict[str, Any]:
-    """The query string as action input. Every value is checked as body strings are (no
-    control characters, bounded length): each GET endpoint answers 400 for what the database
-    could not compare, whatever its action does with the value."""
-    params: dict[str, Any] = {}
-    for name in request.query_params:
-        if name in _RESERVED_QUERY:
-            continue
-        values = request.query_params.getlist(name)
-        value = ",".join(values) if name == "group_by" else values[-1]
-        params[name] = query_text(name, value)
-    return params
-
-
-class ActionView(APIView):
-    """Maps HTTP methods to registered actions: `actions_by_method = {"post": "track_usage"}`.
-
-    With `fast_post`, a POST carrying a Bearer key and a JSON body (what agents send, many times
-    a second) skips DRF's request wrapping, negotiation and rendering, about a fifth of the
-    request's CPU, and runs the same action with the same authentication and error bodies.
-    Everything else (sessions, the browsable API, other content types) takes the DRF path.
-    """
-
-    actions_by_method: ClassVar[dict[str, str]] = {}
-    fast_post = False
-
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        length = request.META.get("CONTENT_LENGTH") or "0"
-        if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            error = body_too_large_error()
-            return _json(error.body(), error.status_code)
-        if (
-            self.fast_post
-            and request.method == "POST"
-            and request.content_type == "application/json"
-            and request.META.get("HTTP_AUTHORIZATION", "")[:7].lower() == "bearer "
-        ):
-            return self._fast_post(request)
-        return super().dispatch(request, *args, **kwargs)
-
-    def _fast_post(self, request: HttpRequest) -> HttpResponseBase:
-        code, body, headers = fast_action(
-            self.actions_by_method["post"], request.META["HTTP_AUTHORIZATION"], request.body
-        )
-        response = _json(body, code)
-        for name, value in headers.items():
-            response[name] = value
-        return response
-
-    def action_description(self, method: str) -> str:
-        """What the action behind `method` does (the OpenAPI operation's description)."""
-        entry = actions.REGISTRY.get(self.actions_by_method.get(method, ""))
-        return entry.description if entry else ""
-
-    def _run(self, request: Request, method: str, data: Any) -> Response:
-        outcome = actions.run(self.actions_by_method[method], principal_for(request), data)
-        return Response(outcome.body, status=outcome.status)
-
-    def _body(self, request: Request) -> Any:
-        data = request.data
-        if hasattr(data, "dict") and not isinstance(data, dict):
-            raise ApiError("Invalid body.", fields={"body": ["Send a JSON body."]}, status_code=415)
-        return data
-
-
-def fast_action(
-    name: str, authorization: str, raw_body: bytes
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Run action `name` for a Bearer-authenticated JSON POST: (status, body, extra headers).
-
-    Shared by `ActionView`'s fast path and the ASGI bridge's (tokenmgr_project.asgi), which
-    calls it without building a Django request at all.
-    """
-    try:
-        principal = principal_for_bearer(authorization)
-        data = load_json(raw_body)
-        outcome = actions.run(name, principal, data)
-    except ApiError as exc:
-        return exc.status_code, exc.body(), {}
-    except exceptions.APIException as exc:
-        headers = {}
-        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-            headers["WWW-Authenticate"] = BEARER_CHALLENGE
-        return exc.status_code, error_body(exc, exc.status_code), headers
-    except unavailable.DATABASE_ERRORS as exc:
-        # Known keys, rules and prices are served from cache and usage is buffered while the
-        # database is down; only what needs it (an unknown key, say) arrives here.
-        unavailable.note(exc, name)
-        return 503, unavailable.body(), dict(unavailable.HEADERS)
-    return outcome.status, outcome.body, {}
-
-
-def with_url_id(data: Any, name: str, value: int) -> Any:
-    """The body with the id from the URL; a body naming another id is refused, not overruled."""
-    if not isinstance(data, dict):
-        return data  # validate() answers "Expected a JSON object."
-    if name in data and data[name] != value:
-        raise validation_error({name: [f"Comes from the URL ({value}); leave it out."]})
-    return {**data, name: value}
-
-
-def _json(body: dict[str, Any], status_code: int) -> JsonResponse:
-    return JsonResponse(
-        body,
-        status=status_code,
-        json_dumps_params={"separators": (",", ":"), "ensure_ascii": False},
-    )
-
 
 # The query parameters as usage.selectors checks them (`query_text`): the schema is the truth.
 _NO_CONTROL_CHARS = "^[^\\x00-\\x1f\\x7f]*$"
@@ -174,9 +60,6 @@ _filters_doc = [
 
 
 # --- response bodies (STYLE 6b): what the actions answer, as the schema's components ----------
-
-Money = Annotated[str, Field(description="A decimal amount as text, in `currency`.")]
-FieldMessages = dict[str, list[str]]
 
 
 class UsageProvenanceOut(BaseModel):
@@ -352,6 +235,60 @@ class CompareOut(BaseModel):
     results: list[ComparedOut] = Field(description="Cheapest first; unpriced models last.")
 
 
+class HealthDatabaseOut(BaseModel):
+    reachable: bool
+    status: Literal["up", "down"]
+    vendor: str
+    latency_ms: float
+
+
+class HealthPersistenceOut(BaseModel):
+    appendonly: bool | None
+    appendfsync: str | None
+    aof_write_ok: bool | None
+    source: Literal["config", "info", "unknown"]
+    durable: bool = Field(description="An acknowledged write survives a Redis crash (AOF on).")
+    volatile_ok: bool = Field(description="TOKENMGR_BUFFER_VOLATILE_OK: buffer even if not.")
+    buffered: bool = Field(description="Ingestion buffers in this Redis.")
+
+
+class HealthRedisOut(BaseModel):
+    configured: bool
+    reachable: bool | None = Field(description="None without REDIS_URL.")
+    persistence: HealthPersistenceOut | None
+
+
+class HealthBufferOut(BaseModel):
+    depth: int = Field(description="Events buffered, not yet in the ledger.")
+    pending_entries: int
+    last_flush_at: str | None
+    last_flush_count: int | None
+    last_run_at: str | None = None
+    total_flushed: int
+    oldest_age_seconds: float | None
+
+
+class HealthDeadLettersOut(BaseModel):
+    count: int
+    oldest_id: str | None
+    oldest_at: str | None
+
+
+class HealthOut(BaseModel):
+    """Plus one entry per probe an app registers (core.health), e.g. `status_messages`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "degraded", "down"]
+    database: HealthDatabaseOut
+    redis: HealthRedisOut
+    mode: Literal["buffered", "direct"]
+    buffer: HealthBufferOut
+    unpriced_requests: int | None = Field(description="None while the database is down.")
+    dead_letters: HealthDeadLettersOut
+    checked_at: str
+
+
 class SignalOut(BaseModel):
     type: str
     result: dict[str, Any] = Field(description="The action's own answer (its endpoint's body).")
@@ -409,10 +346,10 @@ class UsageApi(ActionView):
         summary="List usage (keyset-paginated)",
     )
     def get(self, request: Request) -> Response:
-        response = self._run(request, "get", _query(request))
+        response = self._run(request, "get", query_params(request))
         cursor = response.data.get("next_cursor")
         if cursor:
-            params = {**_query(request), "cursor": cursor}
+            params = {**query_params(request), "cursor": cursor}
             response.data["next"] = (
                 request.build_absolute_uri(request.path) + "?" + urlencode(params)
             )
@@ -462,16 +399,16 @@ class UsageSummaryApi(ActionView):
         summary="Usage totals grouped by dimensions and time",
     )
     def get(self, request: Request) -> Response:
-        return self._run(request, "get", _query(request))
+        return self._run(request, "get", query_params(request))
 
 
 class HealthApi(APIView):
     authentication_classes = ()
     permission_classes = (AllowAny,)
 
-    @extend_schema(responses={200: dict, 503: dict}, summary="Health and buffer state")
+    @extend_schema(responses={200: HealthOut, 503: HealthOut}, summary="Health and buffer state")
     def get(self, request: Request) -> Response:
-        outcome = actions.get_status(None, {})  # type: ignore[arg-type]  # public, reads no scoped data
+        outcome = usage_actions.get_status(None, {})  # type: ignore[arg-type]  # public, reads no scoped data
         return Response(outcome.body, status=outcome.status)
 
 
@@ -505,7 +442,7 @@ class PricingApi(ActionView):
         summary="Price catalogue and overrides",
     )
     def get(self, request: Request) -> Response:
-        return self._run(request, "get", _query(request))
+        return self._run(request, "get", query_params(request))
 
     @extend_schema(
         request=PriceOverrideIn,

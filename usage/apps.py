@@ -6,4 +6,11 @@ class UsageConfig(AppConfig):
     verbose_name = "Usage"
 
     def ready(self) -> None:
-        from usage import actions  # noqa: F401  (registers the usage actions)
+        from tokenmgr_project.core import principal
+        from usage import (
+            actions,  # noqa: F401  (registers the usage actions)
+            tasks,  # noqa: F401  (connects the flush trigger)
+        )
+        from usage.auth import cached_principal_for_raw_key, principal_for_raw_key
+
+        principal.register_keys(principal_for_raw_key, cached_principal_for_raw_key)

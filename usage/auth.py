@@ -1,4 +1,4 @@
-"""Who is calling: an API key (Bearer) or a staff session, as one `Principal`."""
+"""API keys as principals: the cached lookup core.principal calls (registered in ready())."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions, permissions
+from rest_framework import authentication
 from rest_framework.request import Request
 
-from tokenmgr_project import redis as tm_redis
-from tokenmgr_project import unavailable
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core import unavailable
+from tokenmgr_project.core.principal import BEARER_CHALLENGE, Principal, principal_for_bearer
 from usage.models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -26,70 +26,8 @@ KEY_CACHE_SECONDS = 5.0
 # last_used_at is written at most this often per key and process: a write per request would cost
 # more than the request.
 LAST_USED_WRITE_SECONDS = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    scope: str  # ApiKey.Scope value
-    team_id: str = ""
-    project_id: str = ""
-    key_id: int | None = None
-    user_id: int | None = None
-    is_staff: bool = False
-    # A staff user's Django permissions ("app_label.codename"); the API grants staff what the
-    # admin would (usage.actions.run checks them). A superuser holds every permission.
-    permissions: frozenset[str] = frozenset()
-    is_superuser: bool = False
-
-    is_authenticated = True
-
-    @property
-    def is_global(self) -> bool:
-        return self.scope == ApiKey.Scope.GLOBAL
-
-    @property
-    def label(self) -> str:
-        if self.user_id is not None:
-            return f"staff user #{self.user_id}"
-        return f"api key #{self.key_id} ({self.scope})"
-
-    @classmethod
-    def for_key(cls, key: ApiKey) -> Principal:
-        return cls(scope=key.scope, team_id=key.team_id, project_id=key.project_id, key_id=key.pk)
-
-    @property
-    def tenant(self) -> str:
-        """Whose request_ids these are: idempotency is per tenant, a project key's, a team
-        key's, or the organisation's (global keys and staff). README "How ingestion stays
-        exact"."""
-        if self.scope == ApiKey.Scope.PROJECT:
-            return f"p:{self.team_id}/{self.project_id}"
-        if self.scope == ApiKey.Scope.TEAM:
-            return f"t:{self.team_id}"
-        return "org"
-
-    def has_perm(self, perm: str) -> bool:
-        """A staff user's Django permission; keys are governed by their scope, not by these."""
-        return self.is_superuser or perm in self.permissions
-
-    def covers(self, team_id: str, project_id: str) -> bool:
-        """Whether a row attributed to this team/project is inside the caller's scope: the
-        one-row form of usage.selectors.usage_for_principal (global keys and staff: all)."""
-        return (not self.team_id or self.team_id == team_id) and (
-            not self.project_id or self.project_id == project_id
-        )
-
-    @classmethod
-    def for_staff(cls, user: Any) -> Principal:
-        superuser = bool(user.is_active and user.is_superuser)
-        return cls(
-            scope=ApiKey.Scope.GLOBAL,
-            user_id=user.pk,
-            is_staff=True,
-            # get_all_permissions() is cached on the user object: one query per request at most.
-            permissions=frozenset() if superuser else frozenset(user.get_all_permissions()),
-            is_superuser=superuser,
-        )
+# A cached entry this close to expiry is not used on the event loop (a request takes less).
+KEY_FRESH_MARGIN_SECONDS = 0.1
 
 
 # While the database is unreachable a key is still accepted if it was validated recently: from
@@ -131,7 +69,7 @@ class _KeyCache:
                 key = ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).first()
             except unavailable.DATABASE_ERRORS as exc:
                 return self._last_known(key_hash, entry, now, exc)
-            principal = Principal.for_key(key) if key else None
+            principal = principal_for_key(key) if key else None
             self._put(key_hash, (now + KEY_CACHE_SECONDS, principal, now))
             if principal is not None:
                 _share(key_hash, principal)
@@ -143,6 +81,21 @@ class _KeyCache:
             except unavailable.DATABASE_ERRORS as exc:  # bookkeeping only: the request goes on
                 unavailable.note(exc, "api key last_used_at")
         return principal
+
+    def cached(self, key_hash: str) -> tuple[bool, Principal | None]:
+        """(True, principal or None for unknown/revoked) when `get` would answer from this
+        process's cache without touching the database, neither to look the key up nor to
+        record its use; else (False, None). Nothing is recorded here: the request that then
+        runs `get` does its bookkeeping (the event loop may not touch the database)."""
+        now = self.clock()
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] <= now + KEY_FRESH_MARGIN_SECONDS:
+            return False, None
+        principal = entry[1]
+        key_id = principal.key_id if principal is not None else None
+        if key_id is not None and now - self._last_used.get(key_id, 0.0) > LAST_USED_WRITE_SECONDS:
+            return False, None
+        return True, principal
 
     def _put(self, key_hash: str, entry: tuple[float, Principal | None, float]) -> None:
         with self._lock:
@@ -236,18 +189,18 @@ def _shared(key_hash: str) -> tuple[Principal | None, bool]:
 key_cache = _KeyCache()
 
 
-BEARER_CHALLENGE = 'Bearer realm="tokenmgr"'
+def principal_for_key(key: ApiKey) -> Principal:
+    return Principal(scope=key.scope, team_id=key.team_id, project_id=key.project_id, key_id=key.pk)
 
 
-def principal_for_bearer(header: str) -> Principal:
-    """The principal of an `Authorization: Bearer <key>` header; AuthenticationFailed if none."""
-    kind, _, raw_key = header.partition(" ")
-    if kind.lower() != "bearer" or not raw_key.strip():
-        raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
-    principal = key_cache.get(ApiKey.hash_key(raw_key.strip()))
-    if principal is None:
-        raise exceptions.AuthenticationFailed("API key is unknown or revoked.")
-    return principal
+def principal_for_raw_key(raw_key: str) -> Principal | None:
+    """What core.principal.principal_for_bearer asks: the key's principal, None if unknown."""
+    return key_cache.get(ApiKey.hash_key(raw_key))
+
+
+def cached_principal_for_raw_key(raw_key: str) -> tuple[bool, Principal | None]:
+    """The same from this process's cache alone (core.principal.cached_principal_for_bearer)."""
+    return key_cache.cached(ApiKey.hash_key(raw_key))
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -259,27 +212,6 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return BEARER_CHALLENGE
-
-
-class IsPrincipal(permissions.BasePermission):
-    """An API key, or a logged-in staff user (browsable API)."""
-
-    message = "An API key or a staff session is required."
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        user = request.user
-        if isinstance(user, Principal):
-            return True
-        return bool(user is not None and user.is_authenticated and user.is_staff)
-
-
-def principal_for(request: Request) -> Principal:
-    user = request.user
-    if isinstance(user, Principal):
-        return user
-    if user is not None and user.is_authenticated and user.is_staff:
-        return Principal.for_staff(user)
-    raise exceptions.NotAuthenticated()
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):

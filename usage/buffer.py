@@ -18,12 +18,39 @@ from typing import Any
 
 import redis
 
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import rows as rows_codec
 
 GROUP = "flushers"
 
-_ADD = r"""
+# The one way a reservation's hold is released (settled by usage here; cancelled or expired by
+# budgets.counters' scripts): subtract it from each counter it holds on, mark its status (and any
+# extra field/value pairs), drop it from the open set. Returns its status before.
+HOLD_RELEASE_LUA = r"""
+-- Negate the integer string itself: tonumber is a double, inexact past 2^53 ("-0" is no integer
+-- to HINCRBY, hence the zero case).
+local function neg(s)
+  if not s or s == '0' or s == '' then return '0' end
+  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
+  return '-' .. s
+end
+local function release(rkey, openz, status, ...)
+  local r = redis.call('HMGET', rkey, 'keys', 'hc', 'ht', 'status')
+  if r[4] == 'open' then
+    for k in string.gmatch(r[1] or '', '[^,]+') do
+      redis.call('HINCRBY', k, 'hc', neg(r[2]))
+      redis.call('HINCRBY', k, 'ht', neg(r[3]))
+    end
+    redis.call('HSET', rkey, 'status', status, ...)
+  end
+  redis.call('ZREM', openz, rkey)
+  return r[4]
+end
+"""
+
+_ADD = (
+    HOLD_RELEASE_LUA
+    + r"""
 local n = tonumber(ARGV[3])
 local flags = {}
 local rows = {}
@@ -51,17 +78,7 @@ for i = 1, n do
     flags[i] = 1
     rows[#rows + 1] = ARGV[3 + n + i]
     if rsv ~= '' then
-      local r = redis.call('HMGET', rsv, 'keys', 'hc', 'ht', 'status')
-      if r[4] == 'open' then
-        for key in string.gmatch(r[1] or '', '[^,]+') do
-          -- Negate the integer string itself: tonumber is a double, inexact past 2^53 ("-0" is
-          -- no integer to HINCRBY, hence the zero case).
-          redis.call('HINCRBY', key, 'hc', r[2] == '0' and '0' or '-' .. r[2])
-          redis.call('HINCRBY', key, 'ht', r[3] == '0' and '0' or '-' .. r[3])
-        end
-        redis.call('HSET', rsv, 'status', 'settled', 'request_id', ARGV[3 + i])
-        redis.call('ZREM', openz, rsv)
-      end
+      release(rsv, openz, 'settled', 'request_id', ARGV[3 + i])
     end
     -- Only seeded counters: a missing one is loaded from the ledger and buffer when next read.
     for j = first, first + k - 1 do
@@ -84,6 +101,7 @@ end
 flags[n + 1] = depth
 return flags
 """
+)
 
 _ACK = r"""
 -- ARGV: group, #entries, then (entry id, events) per entry, then (entry id, line, error, time)

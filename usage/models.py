@@ -20,6 +20,19 @@ ATTRIBUTION_DIMENSIONS = (
 )
 
 
+class RelationshipType(models.TextChoices):
+    """How a request relates to its parent (`TokenUsage.relationship`); the provenance app
+    builds its graph on this vocabulary."""
+
+    TRIGGERED_BY = "triggered_by"
+    PART_OF = "part_of"
+    DERIVED_FROM = "derived_from"
+    RETRY_OF = "retry_of"
+    CACHED_FROM = "cached_from"
+    FOLLOW_UP_OF = "follow_up_of"
+    TOOL_CALL_OF = "tool_call_of"
+
+
 class TokenUsage(models.Model):
     """One LLM request's usage: the ledger every budget, report and forecast reads."""
 
@@ -251,8 +264,13 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         who = f"{self.provider}/{self.model}" if self.provider else self.model
-        prices = f"{self.input_per_mtok}/{self.output_per_mtok}"
+        prices = f"{self.input_per_mtok.normalize():f}/{self.output_per_mtok.normalize():f}"
         return f"{who} from {self.effective_from:%Y-%m-%d}: {prices}"
+
+
+def default_alert_channels() -> list[str]:
+    """Where alerts go when nobody chose: the live status feed (as without a settings row)."""
+    return ["status"]
 
 
 class ManagerConfig(models.Model):
@@ -261,7 +279,7 @@ class ManagerConfig(models.Model):
     buffer_size = models.PositiveIntegerField(null=True, blank=True)
     flush_interval = models.FloatField(null=True, blank=True)
     retention_days = models.PositiveIntegerField(null=True, blank=True)
-    alert_channels = models.JSONField(default=list, blank=True)
+    alert_channels = models.JSONField(default=default_alert_channels, blank=True)
     optimization_enabled = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -19,7 +19,7 @@ import genai_prices
 from genai_prices import types as gp_types
 from genai_prices.data_snapshot import get_snapshot
 
-from tokenmgr_project import unavailable
+from tokenmgr_project.core import unavailable
 from usage.models import ModelPrice, TokenUsage
 
 CURRENCY = "USD"
@@ -42,6 +42,7 @@ def ledger_cost(value: Decimal) -> Decimal:
 
 # Overrides are re-read at least this often, so an edit in another process applies quickly.
 _OVERRIDE_TTL_SECONDS = 5.0
+_FRESH_MARGIN_SECONDS = 0.5
 
 
 def money(value: Decimal | None) -> str:
@@ -154,6 +155,11 @@ class _OverrideTable:
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0
+
+    def fresh(self) -> bool:
+        """Will the cached overrides still be current for the next moment (one request's
+        pricing will not read the database meanwhile)?"""
+        return time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS - _FRESH_MARGIN_SECONDS
 
     def _rows(self) -> dict[str, list[ModelPrice]]:
         if time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS:

@@ -27,8 +27,8 @@ from pydantic import (
     field_validator,
 )
 
-from provenance.models import RelationshipType
-from usage.errors import FieldErrors, pydantic_field_errors
+from tokenmgr_project.core.errors import FieldErrors, pydantic_field_errors
+from usage.models import RelationshipType
 
 MAX_TOKENS = 10**9
 MAX_METADATA_BYTES = 16 * 1024
@@ -40,9 +40,14 @@ Dim = Annotated[str, Field(strict=True, max_length=128)]
 
 def _iso_text(value: Any) -> Any:
     # JSON carries date-times as ISO 8601 text (what the OpenAPI schema says); pydantic's lax
-    # mode would also read a number as a Unix time.
-    if isinstance(value, str | datetime):
+    # mode would also read a number, or a string of digits such as "0", as a Unix time.
+    if isinstance(value, datetime):
         return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
     raise ValueError("Use an ISO 8601 date-time string.")
 
 
@@ -88,6 +93,8 @@ class ProvenanceIn(Strict):
 
 
 class UsageEventIn(Strict):
+    """Also required: `input_tokens` and/or `output_tokens` (or their aliases), or `usage`."""
+
     request_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
     provider: Annotated[str, Field(strict=True, max_length=64)] = ""
     model: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
@@ -424,6 +431,8 @@ def validate_event(
 
 
 class TokenizeIn(Strict):
+    """Required: exactly one of `text` or `messages`."""
+
     model: Annotated[str, Field(strict=True, min_length=1, max_length=128)] = "gpt-4o"
     text: Annotated[str, Field(strict=True, max_length=5_000_000)] | None = None
     messages: list[dict[str, Annotated[str, Field(strict=True)]]] | None = None

@@ -15,12 +15,13 @@ from django.db.models import Count, Model, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from tokenmgr_project import redis as tm_redis
-from tokenmgr_project import unavailable
+from tokenmgr_project.core import health, unavailable
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.api import query_text
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal, in_scope
 from usage import buffer
-from usage.auth import Principal
-from usage.errors import ApiError
-from usage.models import ATTRIBUTION_DIMENSIONS, TokenUsage
+from usage.models import ATTRIBUTION_DIMENSIONS, ModelPrice, TokenUsage
 from usage.pricing import money
 
 FILTER_FIELDS = (*ATTRIBUTION_DIMENSIONS, "provider", "model", "status")
@@ -31,12 +32,10 @@ MAX_SUMMARY_ROWS = 10_000
 # Query values are checked like body fields: what the database cannot compare (NUL, other control
 # characters, unpaired surrogates from /signals' JSON) is a 400 naming the parameter, never a 500.
 MAX_FILTER_LENGTH = 128
-MAX_QUERY_LENGTH = 1024
 MAX_TIME_LENGTH = 64
 # PostgreSQL's timestamptz takes UTC offsets below 16 hours; ingestion refuses larger ones too.
 MAX_UTC_OFFSET = timedelta(hours=16)
 MAX_ID = 2**63 - 1
-_UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CURSOR_PK = re.compile(r"[0-9]{1,19}")
 
@@ -44,35 +43,9 @@ _CURSOR_PK = re.compile(r"[0-9]{1,19}")
 M = TypeVar("M", bound=Model)
 
 
-def in_scope(qs: QuerySet[M], principal: Principal) -> QuerySet[M]:
-    """Rows (with team_id / project_id columns) inside the principal's scope: a scoped key sees
-    only its own team or project (the set form of Principal.covers)."""
-    if principal.team_id:
-        qs = qs.filter(team_id=principal.team_id)
-    if principal.project_id:
-        qs = qs.filter(project_id=principal.project_id)
-    return qs
-
-
 def usage_for_principal(principal: Principal) -> QuerySet[TokenUsage]:
     """The one gate onto the ledger: a scoped key sees only its own team or project."""
     return in_scope(TokenUsage.objects.all(), principal)
-
-
-def query_text(name: str, value: Any, *, max_length: int = MAX_QUERY_LENGTH) -> str:
-    """A query value the database can compare: a string of at most `max_length` characters
-    without control characters or unpaired surrogates; else a 400 naming the parameter."""
-    if not isinstance(value, str) or len(value) > max_length:
-        raise ApiError(
-            "Invalid query parameter.",
-            fields={name: [f"Must be a string of at most {max_length} characters."]},
-        )
-    if _UNSTORABLE.search(value):
-        raise ApiError(
-            "Invalid query parameter.",
-            fields={name: ["Must not contain control characters or unpaired surrogates."]},
-        )
-    return value
 
 
 def _time_error(name: str, message: str) -> ApiError:
@@ -308,7 +281,6 @@ def health_snapshot() -> dict[str, Any]:
             "oldest_age_seconds": None,
         },
         "unpriced_requests": None,
-        "status_messages": {"queued": None, "dropped": None},
         "dead_letters": {"count": 0, "oldest_id": None, "oldest_at": None},
     }
     if tm_redis.configured():
@@ -335,17 +307,28 @@ def health_snapshot() -> dict[str, Any]:
             }
             body["dead_letters"] = usage_dead_letters_summary()
     if db_ok:
-        from reporting.services import status_queue_stats  # reporting builds on usage
-
         try:
             body["unpriced_requests"] = TokenUsage.objects.filter(unpriced=True).count()
-            body["status_messages"] = status_queue_stats()
+            body.update(health.probe_results(database_up=True))
         except unavailable.DATABASE_ERRORS:  # went down since SELECT 1: health still answers
             body["database"].update(reachable=False, status="down")
             db_ok = False
+    if not db_ok:
+        body.update(health.probe_results(database_up=False))
     ok = db_ok and (body["redis"]["reachable"] is not False)
     body["status"] = "ok" if ok else ("degraded" if db_ok else "down")
     if body["status"] == "ok" and body["dead_letters"]["count"]:
         body["status"] = "degraded"  # parked usage waits for someone to replay or discard it
     body["checked_at"] = timezone.now().isoformat()
     return body
+
+
+def price_overrides(provider: str = "", model_search: str = "") -> QuerySet[ModelPrice]:
+    """Price overrides for one provider (plus those for any provider) whose model contains
+    `model_search` (case-insensitive), filtered in SQL, newest first."""
+    rows = ModelPrice.objects.order_by("provider", "model", "-effective_from")
+    if provider:
+        rows = rows.filter(provider__in=("", provider))
+    if model_search:
+        rows = rows.filter(model__icontains=model_search)
+    return rows

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 from django.db import connection
+from django.dispatch import receiver
 
-from tokenmgr_project import redis as tm_redis
-from tokenmgr_project import unavailable
-from tokenmgr_project.redis import REDIS_ERRORS
-from usage import services
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core import unavailable
+from tokenmgr_project.core.redis import REDIS_ERRORS
+from usage import hooks, services
 
 _NOTHING = {"entries": 0, "events": 0, "inserted": 0}
 
@@ -51,3 +54,10 @@ def usage_flush_buffer(force: bool = False) -> dict[str, int]:
 @shared_task(retry_backoff=True, max_retries=3)
 def usage_purge_expired() -> int:
     return services.usage_purge_expired()
+
+
+@receiver(hooks.flush_wanted)
+def _flush_now(**_kwargs: Any) -> None:
+    """The buffer reached buffer_size: one flush message, however many processes ask at once."""
+    if tm_redis.client().set(tm_redis.key("usage", "flush-trigger"), "1", nx=True, px=250):
+        usage_flush_buffer.delay(force=True)

@@ -3,18 +3,15 @@ thresholds, overrides, alerts and closed periods of each budget as inlines."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
-from django.db import transaction
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet, construct_instance
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
@@ -22,16 +19,9 @@ from budgets.admin.overrides import requester_label
 from budgets.models import Budget, BudgetAlert, BudgetOverride, BudgetPeriod, BudgetThreshold
 from budgets.selectors import BudgetStatus, budget_status
 from budgets.services import budget_create, budget_deactivate, budget_update
-from usage.errors import ApiError, FieldErrors
+from usage.admin.display import MONEY_WIDGETS, clipped, service_errors, usd, when
 
 # --- display helpers ---------------------------------------------------------------------------
-
-
-def _usd(value: Decimal) -> str:
-    # Budgets are dollars, but early in a period spend is fractions of a cent: keep those visible.
-    if value == 0 or abs(value) >= 1:
-        return f"{value:,.2f} USD"
-    return f"{value:.6f}".rstrip("0") + " USD"
 
 
 def _tokens(value: int) -> str:
@@ -46,15 +36,16 @@ def _bar_colour(percent: Decimal) -> str:
     return "#3f8f3f"
 
 
-def utilisation_bar(percent: Decimal | None, label: str = "") -> SafeString:
+def utilisation_bar(percent: Decimal | None, label: str = "", width: int = 120) -> SafeString:
     if percent is None:
         return format_html("<span>{}</span>", "no limit")
     return format_html(
-        '<span class="tm-bar" title="{}" style="display:inline-block;width:120px;height:10px;'
+        '<span class="tm-bar" title="{}" style="display:inline-block;width:{}px;height:10px;'
         'background:#e6e6e6;border-radius:3px;vertical-align:middle;overflow:hidden">'
         '<span style="display:block;height:100%;width:{}%;background:{}"></span></span>'
         ' <span class="tm-bar-percent">{} %{}</span>',
         f"{percent:.2f} % of the effective limit",
+        width,
         f"{min(percent, Decimal(100)):.1f}",
         _bar_colour(percent),
         f"{percent:.1f}",
@@ -100,23 +91,6 @@ BUDGET_FIELDS = (
 )
 
 
-class _DryRun(Exception):
-    """Raised to roll back a service call made only to learn its validation errors."""
-
-
-def _service_errors(call: Callable[[], object]) -> FieldErrors:
-    """Run a service inside a savepoint that is always rolled back (its on-commit effects are
-    discarded with it) and return its field errors: the form then shows the service's rules."""
-    try:
-        with transaction.atomic():
-            call()
-            raise _DryRun
-    except _DryRun:
-        return {}
-    except ApiError as exc:
-        return exc.fields or {"__all__": [exc.message]}
-
-
 class BudgetForm(forms.ModelForm):
     class Meta:
         model = Budget
@@ -130,11 +104,11 @@ class BudgetForm(forms.ModelForm):
             return data  # a field is already invalid; the service would only repeat it
         if self.instance.pk is None:
             values = {name: data[name] for name in BUDGET_FIELDS}
-            errors = _service_errors(lambda: budget_create(principal=None, **values))
+            errors = service_errors(lambda: budget_create(principal=None, **values))
         else:
             changes = {name: data[name] for name in self.changed_data}
             copy = Budget.objects.get(pk=self.instance.pk)
-            errors = _service_errors(lambda: budget_update(budget=copy, principal=None, **changes))
+            errors = service_errors(lambda: budget_update(budget=copy, principal=None, **changes))
         for name, msgs in errors.items():
             self.add_error(name if name in self.fields else None, msgs)
         return data
@@ -160,6 +134,7 @@ class BudgetThresholdInline(admin.TabularInline):
     model = BudgetThreshold
     formset = ThresholdFormSet
     extra = 1
+    formfield_overrides = MONEY_WIDGETS  # "80", not "80.00"
     verbose_name_plural = "alert thresholds (left empty on a new budget: 50, 80 and 90 %)"
 
 
@@ -186,8 +161,16 @@ class _ReadOnlyInline(admin.TabularInline):
 class BudgetPeriodInline(_ReadOnlyInline):
     model = BudgetPeriod
     verbose_name_plural = "closed periods"
-    fields = ("period_start", "period_end", "cost_spent", "tokens_spent", "requests", "cost_limit")
+    fields = ("period_start", "period_end", "spent", "tokens_spent", "requests", "limit")
     readonly_fields = fields
+
+    @admin.display(description="cost spent")
+    def spent(self, obj: BudgetPeriod) -> str:
+        return usd(obj.cost_spent)
+
+    @admin.display(description="cost limit")
+    def limit(self, obj: BudgetPeriod) -> str:
+        return usd(obj.cost_limit)
 
 
 class BudgetAlertInline(_ReadOnlyInline):
@@ -226,23 +209,22 @@ class BudgetOverrideInline(_ReadOnlyInline):
 
     @admin.display(description="requested by")
     def requested(self, obj: BudgetOverride) -> str:
-        when = timezone.localtime(obj.requested_at).strftime("%Y-%m-%d %H:%M")
-        return f"{requester_label(obj)}, {when}"
+        return f"{requester_label(obj)}, {when(obj.requested_at)}"
 
 
 @admin.register(Budget)
 class BudgetAdmin(admin.ModelAdmin):
     form = BudgetForm
+    formfield_overrides = MONEY_WIDGETS
+    # What fits beside the navigation and the filters at 1366 px; the rest is on the budget page.
     list_display = (
-        "name",
+        "name_label",
         "scope_label",
-        "period",
-        "enforcement",
+        "rule",
         "utilisation",
         "spent",
         "remaining",
         "period_end",
-        "is_active",
     )
     list_filter = ("scope", "period", "enforcement", "is_active")
     search_fields = ("name", "scope_id", "team_id", "project_id")
@@ -277,25 +259,35 @@ class BudgetAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # periods, alerts and decisions are an audit trail: deactivate instead
 
-    @admin.display(description="scope")
-    def scope_label(self, obj: Budget) -> str:
+    @admin.display(description="name", ordering="name")
+    def name_label(self, obj: Budget) -> SafeString:
+        if obj.is_active:
+            return clipped(obj.name, 40)
+        return format_html("{} <strong>(inactive)</strong>", clipped(obj.name, 40))
+
+    @admin.display(description="scope", ordering="scope")
+    def scope_label(self, obj: Budget) -> SafeString:
         if obj.scope == Budget.Scope.GLOBAL:
-            return "global"
-        return f"{obj.scope} {obj.scope_id}"
+            return clipped("global", 30)
+        return clipped(f"{obj.scope} {obj.scope_id}", 30)
+
+    @admin.display(description="period", ordering="period")
+    def rule(self, obj: Budget) -> str:
+        return f"{obj.period}, {obj.enforcement}"
 
     @admin.display(description="utilisation")
     def utilisation(self, obj: Budget) -> SafeString:
         status = _status(obj)
         if status.unlimited_until is not None:
-            return format_html("<span>unlimited until {}</span>", status.unlimited_until)
-        return utilisation_bar(*_worst(status))
+            return format_html("<span>unlimited until {}</span>", when(status.unlimited_until))
+        return utilisation_bar(*_worst(status), width=80)
 
     @admin.display(description="spent")
     def spent(self, obj: Budget) -> str:
         status = _status(obj)
         parts = []
         if status.cost_limit is not None or status.cost_spent:
-            parts.append(_usd(status.cost_spent))
+            parts.append(usd(status.cost_spent))
         if status.token_limit is not None:
             parts.append(_tokens(status.tokens_spent))
         return ", ".join(parts)
@@ -305,7 +297,7 @@ class BudgetAdmin(admin.ModelAdmin):
         status = _status(obj)
         parts = []
         if status.cost_remaining is not None:
-            parts.append(_usd(status.cost_remaining))
+            parts.append(usd(status.cost_remaining))
         if status.tokens_remaining is not None:
             parts.append(_tokens(status.tokens_remaining))
         return ", ".join(parts) or "no limit"
@@ -313,11 +305,7 @@ class BudgetAdmin(admin.ModelAdmin):
     @admin.display(description="period ends")
     def period_end(self, obj: Budget) -> str:
         end = _status(obj).period_end
-        return (
-            "never (lifetime)"
-            if end is None
-            else timezone.localtime(end).strftime("%Y-%m-%d %H:%M")
-        )
+        return "never (lifetime)" if end is None else when(end)
 
     @admin.display(description="current period")
     def current_status(self, obj: Budget) -> SafeString:
@@ -328,16 +316,16 @@ class BudgetAdmin(admin.ModelAdmin):
         if status.unlimited_until is not None:
             rows.append(("override", f"unlimited until {status.unlimited_until:%Y-%m-%d %H:%M}"))
         if status.cost_limit is not None:
-            limit = _usd(status.cost_limit)
+            limit = usd(status.cost_limit)
             if status.effective_cost_limit not in (None, status.cost_limit):
-                limit += f" (with overrides {_usd(status.effective_cost_limit)})"
+                limit += f" (with overrides {usd(status.effective_cost_limit)})"
             rows += [
                 ("cost limit", limit),
-                ("cost spent", _usd(status.cost_spent)),
-                ("cost reserved", _usd(status.cost_reserved)),
+                ("cost spent", usd(status.cost_spent)),
+                ("cost reserved", usd(status.cost_reserved)),
             ]
             if status.cost_remaining is not None:
-                rows.append(("cost remaining", _usd(status.cost_remaining)))
+                rows.append(("cost remaining", usd(status.cost_remaining)))
         if status.token_limit is not None:
             limit = _tokens(status.token_limit)
             if status.effective_token_limit not in (None, status.token_limit):
@@ -350,7 +338,7 @@ class BudgetAdmin(admin.ModelAdmin):
             if status.tokens_remaining is not None:
                 rows.append(("tokens remaining", _tokens(status.tokens_remaining)))
         if status.projected_cost is not None and status.cost_limit is not None:
-            rows.append(("projected cost at period end", _usd(status.projected_cost)))
+            rows.append(("projected cost at period end", usd(status.projected_cost)))
         pending = obj.overrides.filter(status=BudgetOverride.Status.PENDING).count()
         queue = reverse("admin:budgets_budgetoverride_changelist")
         add = reverse("admin:budgets_budgetoverride_add")

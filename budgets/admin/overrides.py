@@ -16,11 +16,14 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
 
 from budgets import overrides
 from budgets.models import BudgetOverride
-from usage.auth import Principal
-from usage.errors import ApiError
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal
+from usage.admin.display import MONEY_WIDGETS, clipped, when
 
 # --- display helpers ---------------------------------------------------------------------------
 
@@ -113,16 +116,11 @@ class OverrideRequestForm(forms.ModelForm):
 @admin.register(BudgetOverride)
 class BudgetOverrideAdmin(admin.ModelAdmin):
     form = OverrideRequestForm
-    list_display = (
-        "__str__",
-        "amount",
-        "status",
-        "requested",
-        "requested_at",
-        "expires_at",
-        "reason",
-        "decision",
-    )
+    formfield_overrides = MONEY_WIDGETS
+    # What fits beside the navigation and the filters at 1366 px; the decision's reason and the
+    # whole request reason are on the override's page.
+    list_display = ("override", "amount", "status_label", "requested", "expires", "reason_short")
+    list_display_links = ("override",)
     list_filter = (OverrideStatusFilter, ("budget", admin.RelatedOnlyFieldListFilter))
     ordering = ("-requested_at", "-id")
     actions = ("approve_selected", "reject_selected")
@@ -132,7 +130,7 @@ class BudgetOverrideAdmin(admin.ModelAdmin):
         "amount",
         "reason",
         "expires_at",
-        "requested",
+        "requested_by",
         "requested_at",
         "decided_by",
         "decided_at",
@@ -164,13 +162,35 @@ class BudgetOverrideAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    @admin.display(description="override", ordering="pk")
+    def override(self, obj: BudgetOverride) -> SafeString:
+        return clipped(f"#{obj.pk} {obj.budget.name}", 30)
+
     @admin.display(description="raise")
     def amount(self, obj: BudgetOverride) -> str:
         return obj.amount_label
 
+    @admin.display(description="status", ordering="status")
+    def status_label(self, obj: BudgetOverride) -> str:
+        if obj.decided_by is None:
+            return obj.status
+        return Truncator(f"{obj.status} by {obj.decided_by.get_username()}").chars(30)
+
+    @admin.display(description="requested", ordering="requested_at")
+    def requested(self, obj: BudgetOverride) -> SafeString:
+        return clipped(f"{requester_label(obj)}, {when(obj.requested_at)}", 40)
+
     @admin.display(description="requested by")
-    def requested(self, obj: BudgetOverride) -> str:
+    def requested_by(self, obj: BudgetOverride) -> str:
         return requester_label(obj)
+
+    @admin.display(description="expires", ordering="expires_at")
+    def expires(self, obj: BudgetOverride) -> str:
+        return when(obj.expires_at)
+
+    @admin.display(description="reason")
+    def reason_short(self, obj: BudgetOverride) -> SafeString:
+        return clipped(obj.reason, 60)
 
     @admin.display(description="decision")
     def decision(self, obj: BudgetOverride) -> str:

@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 
 from budgets.models import Budget, BudgetOverride
 from tests.conftest import Persona
-from usage.auth import Principal
+from tokenmgr_project.core.principal import Principal
 
 # What every budgets staff persona may do in the admin; the approve permission is added per persona.
 STAFF_PERMISSIONS = (

@@ -31,8 +31,8 @@ from budgets.tasks import alert_deliveries_send_due
 from reporting.services import status_take
 from tests.budgets.conftest import StaffPersona
 from tests.conftest import Persona, child_database_url, event, run_concurrently, settle
-from tokenmgr_project import redis as tm_redis
 from tokenmgr_project.celery import app as celery_app
+from tokenmgr_project.core import redis as tm_redis
 from usage import services
 
 pytestmark = pytest.mark.django_db

@@ -246,7 +246,7 @@ def test_counters_lost_with_redis_are_rebuilt_from_the_ledger(member: Persona) -
     settle()
     assert _check(member).json()["allowed"] is False  # 0.15 spent + 0.15 asked > 0.20
 
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     tm_redis.client().flushdb()  # a Redis restart without persistence
 
@@ -259,7 +259,7 @@ def test_reconcile_adds_usage_written_while_redis_was_unreachable(
     member: Persona, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from budgets.services import counters_reconcile
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     _budget(cost_limit=Decimal("0.20"))
     assert _check(member).json()["allowed"] is True  # seeds the counter at 0

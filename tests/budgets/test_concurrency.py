@@ -19,7 +19,7 @@ from django.db.models import Sum
 from budgets import selectors
 from budgets.services import budget_create, reservations_expire
 from tests.conftest import Persona, settle
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage.models import TokenUsage
 
 pytestmark = pytest.mark.django_db(transaction=True)

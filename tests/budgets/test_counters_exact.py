@@ -268,6 +268,14 @@ def test_it_releases_a_zero_cost_hold_on_cancel_and_on_settle(member: Persona) -
 # --- Redis only: exact limits, reconcile, rebuild -----------------------------------------------
 
 
+def _seed(budget: Budget) -> None:
+    """Load the counter from the ledger and buffer, as a check or the reconcile job does (a
+    status read only reads)."""
+    from budgets.services import counter_seed
+
+    counter_seed(budget, budget.window_at(timezone.now()))
+
+
 def _counter(budget: Budget) -> str:
     from budgets import counters
 
@@ -279,7 +287,7 @@ def test_it_compares_limits_above_two_to_the_53_units_exactly(
     platform: Persona, member: Persona
 ) -> None:
     from budgets import counters
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     budget = _budget(cost_limit=Decimal("1000000.000001"))  # 10^16 + 10^4 units: above 2^53
     platform.client.post(
@@ -317,11 +325,12 @@ def test_it_reconciles_a_counter_above_the_ledger_down_and_one_below_up(
     member: Persona,
 ) -> None:
     from budgets.services import counters_reconcile
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     budget = _budget()
     _post_batches(member, _tiny("r", 10, model="gpt-4o"))  # 0.000025 USD
     assert _settled_status(member, budget)["cost_spent"] == "0.000025"
+    _seed(budget)
     client = tm_redis.client()
 
     client.hincrby(_counter(budget), "c", 12345)
@@ -342,11 +351,11 @@ def test_it_keeps_usage_counted_while_reconcile_runs(
 ) -> None:
     from budgets import counters
     from budgets.services import counters_reconcile
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     budget = _budget()
     _post_batches(member, _tiny("before", 10, model="gpt-4o"))
-    _status(member, budget)  # seeded
+    _seed(budget)
     tm_redis.client().hincrby(_counter(budget), "c", 999)  # a drift for reconcile to correct
     original = counters.ledger_units
     arrived: list[int] = []
@@ -374,7 +383,7 @@ def _post_with_redis_down(
     let Redis answer again."""
     import redis
 
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise redis.ConnectionError("Redis is down")
@@ -390,7 +399,7 @@ def test_it_keeps_usage_counted_while_a_missing_counter_is_seeded(
     member: Persona, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from budgets import counters
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     budget = _budget()
     _post_batches(member, _tiny("old", 10, model="gpt-4o"))
@@ -407,7 +416,8 @@ def test_it_keeps_usage_counted_while_a_missing_counter_is_seeded(
         return original(*args)
 
     monkeypatch.setattr(counters, "ledger_units", ledger_units_while_usage_arrives)
-    assert _status(member, budget)["cost_spent"] == "0.000075"  # seeds, while usage arrives
+    _seed(budget)  # while usage arrives
+    assert _status(member, budget)["cost_spent"] == "0.000075"
     monkeypatch.setattr(counters, "ledger_units", original)
 
     assert arrived

@@ -60,9 +60,10 @@ def test_it_allows_a_prompt_within_the_profile_budget(
     assert (context["budget"], context["used"], context["remaining"]) == (20_000, 0, 20_000)
     assert context["max_tokens_tier"] == "full"
     assert context["approaching_limit"] is False
-    assert (
-        context["text"]
-        == "Token budget: 0 of 20,000 used (0 %); 20,000 left — use tools as needed."
+    left = 20_000 - body["prompt_tokens"]
+    assert context["text"] == (
+        f"Token budget: {body['prompt_tokens']} of 20,000 used, this call included (0.1 %); "
+        f"{left:,} left — use tools as needed."
     )
 
 
@@ -127,8 +128,12 @@ def test_it_keeps_the_profiles_threshold_share_when_the_budget_is_overridden(
     assert body["budget_context"]["warning_threshold"] == 4_500  # 18,000 / 20,000 = 90 %
 
 
+def _prompt_tokens(persona: Persona, prompt: str) -> int:
+    return int(_guard(persona, prompt=prompt, token_budget_override=10_000)["prompt_tokens"])
+
+
 @pytest.mark.parametrize(
-    ("used", "tier"),
+    ("used_after", "tier"),
     [
         (4_999, "full"),  # 50.01 % left
         (5_000, 2000),  # exactly 50 % left
@@ -141,13 +146,43 @@ def test_it_keeps_the_profiles_threshold_share_when_the_budget_is_overridden(
     ],
 )
 def test_it_suggests_the_tool_max_tokens_tier_at_the_specs_edges(
-    platform: Persona, researcher: AgentProfile, used: int, tier: str | int
+    platform: Persona, researcher: AgentProfile, used_after: int, tier: str | int
 ) -> None:
-    _spend(platform, "t-1", used)
+    prompt_tokens = _prompt_tokens(platform, "hi")
+    _spend(platform, "t-1", used_after - prompt_tokens)
     settle()
     body = _guard(platform, run_id="run-1", prompt="hi", token_budget_override=10_000)
     assert body["budget_context"]["max_tokens_tier"] == tier
-    assert body["budget_context"]["remaining"] == 10_000 - used
+    assert body["budget_context"]["remaining_after"] == 10_000 - used_after
+
+
+def test_it_sizes_the_tier_and_the_limit_flag_with_the_prompt_being_checked(
+    platform: Persona, researcher: AgentProfile
+) -> None:
+    prompt = "word " * 400
+    _spend(platform, "p-1", 898 - _prompt_tokens(platform, prompt))
+    settle()
+    body = _guard(platform, run_id="run-1", prompt=prompt, token_budget_override=1_000)
+    context = body["budget_context"]
+    assert (context["used_after"], context["remaining_after"]) == (898, 102)
+    assert (context["approaching_limit"], context["max_tokens_tier"]) == (True, 1000)
+    assert (context["approaching_limit_before"], context["max_tokens_tier_before"]) == (
+        False,
+        "full",
+    )
+    assert context["text"] == (
+        "Token budget: 898 of 1,000 used, this call included (89.8 %); 102 left — "
+        "keep tool outputs under 1,000 tokens and skip secondary analysis."
+    )
+
+
+def test_it_counts_the_calls_max_output_tokens_in_the_tier(
+    platform: Persona, researcher: AgentProfile
+) -> None:
+    body = _guard(platform, prompt="hi", token_budget_override=10_000, max_output_tokens=9_000)
+    context = body["budget_context"]
+    assert (context["max_tokens_tier_before"], context["max_tokens_tier"]) == ("full", 1000)
+    assert context["approaching_limit"] is True
 
 
 def test_it_sums_the_runs_usage_so_far_from_the_ledger(
@@ -158,11 +193,12 @@ def test_it_sums_the_runs_usage_so_far_from_the_ledger(
     _spend(platform, "other-run", 3_000, workflow_id="run-2")
     _spend(platform, "other-agent", 3_000, agent="summarizer")
     settle()
-    context = _guard(platform, run_id="run-1", prompt="hi")["budget_context"]
+    body = _guard(platform, run_id="run-1", prompt="hi")
+    context = body["budget_context"]
     assert (context["used"], context["remaining"], context["percent"]) == (16_500, 3_500, "82.50")
+    assert context["used_after"] == 16_500 + body["prompt_tokens"]
     assert context["approaching_limit"] is True
     assert context["max_tokens_tier"] == 1000
-    assert context["text"].startswith("Token budget: 16,500 of 20,000 used (82.5 %); 3,500 left")
 
 
 @pytest.mark.services

@@ -11,7 +11,7 @@ from budgets.models import Budget, BudgetOverride
 from budgets.overrides import override_approve, overrides_expire
 from tests.budgets.conftest import StaffPersona, in_days, pending_override
 from tests.conftest import Persona, _key_persona, run_concurrently
-from usage.errors import ApiError
+from tokenmgr_project.core.errors import ApiError
 
 pytestmark = pytest.mark.django_db
 

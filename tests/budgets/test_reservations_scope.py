@@ -10,7 +10,7 @@ import pytest
 
 from budgets.models import Budget
 from tests.conftest import Persona
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 
 pytestmark = pytest.mark.django_db
 

@@ -161,7 +161,7 @@ def test_messages_published_while_redis_is_down_are_delivered_later(
     health = platform.client.get("/api/v1/health")
     assert health.status_code == 200
     settings.REDIS_URL = real_redis
-    from tokenmgr_project import redis as tm_redis
+    from tokenmgr_project.core import redis as tm_redis
 
     tm_redis.reset()
 

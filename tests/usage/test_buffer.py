@@ -13,7 +13,7 @@ from django.conf import settings
 from django.test import override_settings
 
 from tests.conftest import Persona, child_database_url, event, rows
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import buffer, services
 from usage.models import TokenUsage
 

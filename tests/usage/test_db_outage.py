@@ -23,7 +23,7 @@ from django.utils import timezone
 from budgets import selectors as budget_selectors
 from budgets.models import Budget
 from tests.conftest import Persona, event
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import auth, buffer, pricing, services, tasks
 from usage.auth import KEY_CACHE_SECONDS, KEY_OUTAGE_SECONDS, key_cache
 from usage.models import TokenUsage
@@ -93,15 +93,17 @@ def test_it_answers_an_unknown_key_with_503_on_the_fast_path_when_the_database_i
     _assert_unavailable(response)
 
 
-def test_it_answers_503_from_the_asgi_bridge_when_the_database_is_down(db: None) -> None:
-    from tokenmgr_project.asgi import WsgiBridge
+def test_it_answers_503_from_the_hot_path_when_the_database_is_down(db: None) -> None:
+    from tokenmgr_project.core.hotpath import run_action
 
     _key, raw = services.api_key_create(name="bridge", scope="global")
     with database_down():
-        code, headers, body = WsgiBridge._run("track_usage", f"Bearer {raw}", b'{"model": "x"}')
+        answer = run_action("track_usage", f"Bearer {raw}", b'{"model": "x"}')
+    assert answer is not None
+    code, body, headers = answer
     assert code == 503
-    assert (b"retry-after", b"5") in headers
-    assert b'"code":"unavailable"' in body
+    assert headers == {"Retry-After": "5"}
+    assert body["error"]["code"] == "unavailable"
 
 
 def test_it_answers_the_admin_with_503_json_when_the_database_is_down(admin: Persona) -> None:
@@ -215,7 +217,7 @@ def test_it_keeps_buffering_known_keys_while_the_database_is_down_and_drains_onc
     clock[0] += KEY_CACHE_SECONDS + 1
     budget_selectors.invalidate_rules()
     pricing.overrides.invalidate()
-    services._config_cache = None
+    services.config._config_cache = None
     with database_down():
         first = member.client.post("/api/v1/usage", event("during"), format="json")
         again = member.client.post("/api/v1/usage", event("during"), format="json")
@@ -249,9 +251,9 @@ def test_it_skips_the_last_used_write_while_the_database_is_down(
 
 def test_it_keeps_the_last_manager_settings_while_the_database_is_down(db: None) -> None:
     services.manager_config_update(buffer_size=7)
-    loaded = services._config_cache
+    loaded = services.config._config_cache
     assert loaded is not None
-    services._config_cache = (0.0, loaded[1])  # expired: the next call asks the database
+    services.config._config_cache = (0.0, loaded[1])  # expired: the next call asks the database
     with database_down():
         assert services.manager_config().buffer_size == 7
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Persona, event, settle
-from usage.parsers import MAX_JSON_DEPTH
+from tokenmgr_project.core.parsers import MAX_JSON_DEPTH
 
 pytestmark = pytest.mark.django_db
 

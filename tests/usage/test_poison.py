@@ -16,7 +16,7 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from tests.conftest import Persona, event, rows, settle
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import buffer, selectors
 from usage import rows as rows_codec
 from usage.models import TokenUsage

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Persona, event, rows
-from usage import actions, services
+from tokenmgr_project.core import actions
+from usage import services
 
 pytestmark = pytest.mark.django_db
 
@@ -60,6 +61,15 @@ def test_configure_manager_changes_run_time_settings(admin: Persona) -> None:
     assert response.status_code == 200
     config = services.manager_config()
     assert (config.buffer_size, config.flush_interval, config.retention_days) == (250, 2.5, 30)
+
+
+def test_it_keeps_alerts_on_the_status_feed_when_a_first_change_names_no_channels(
+    admin: Persona,
+) -> None:
+    assert services.manager_config().alert_channels == ["status"]
+    signal = {"type": "configure_manager", "data": {"buffer_size": 300}}
+    assert admin.client.post("/api/v1/signals", signal, format="json").status_code == 200
+    assert services.manager_config().alert_channels == ["status"]
 
 
 def test_configure_manager_needs_staff_or_a_global_key(member: Persona) -> None:

@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 
 from budgets.services import budget_create
 from tests.conftest import Persona, event, rows, run_concurrently, settle
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
 from usage import buffer, services
 from usage.models import TokenUsage
 

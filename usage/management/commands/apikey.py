@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from tokenmgr_project.core.errors import ApiError
 from usage import services
-from usage.errors import ApiError
 from usage.models import ApiKey
 
 

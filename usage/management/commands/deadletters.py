@@ -7,9 +7,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.errors import ApiError
 from usage import selectors, services
-from usage.errors import ApiError
 
 
 class Command(BaseCommand):

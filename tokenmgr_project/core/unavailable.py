@@ -93,7 +93,7 @@ def response() -> JsonResponse:
 class DatabaseUnavailableMiddleware:
     """A database outage in a plain Django view (the admin, the docs' login) is a 503 with the
     JSON error shape and Retry-After, not Django's HTML 500 page. DRF views answer it
-    themselves (usage.errors.api_exception_handler)."""
+    themselves (core.errors.api_exception_handler)."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response

@@ -5,7 +5,7 @@ tests every operation against it (tests/test_schemathesis.py), so it must be val
 drf-spectacular gets request and response bodies from pydantic models as JSON Schema 2020-12
 (`exclusiveMinimum: 0`, `anyOf [..., {"type": "null"}]`, `const`), which OpenAPI 3.0 spells
 differently; `to_oas30` rewrites those. Every operation also documents the error answers it can
-give, all with the one error shape (usage.errors). Imports no app.
+give, all with the one error shape (core.errors). Imports no app.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 from drf_spectacular.contrib.pydantic import PydanticExtension
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.plumbing import ResolvedComponent
+from pydantic.json_schema import model_json_schema
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 ERROR_SCHEMA: dict[str, Any] = {
@@ -49,6 +51,9 @@ ERROR_DESCRIPTIONS = {
 # Operations that name an object in their body (or reach one through an action, /signals) and so
 # can answer 404 / 409 besides those with an id in the path.
 EXTRA_ERRORS: dict[tuple[str, str], set[str]] = {
+    ("get", "/api/v1/alerts"): {"404"},
+    ("post", "/api/v1/agent-profiles"): {"409"},
+    ("patch", "/api/v1/agent-profiles/{profile_id}"): {"409"},
     ("post", "/api/v1/budgets"): {"409"},
     ("patch", "/api/v1/budgets/{budget_id}"): {"409"},
     ("post", "/api/v1/budgets/check"): {"404", "409"},
@@ -84,9 +89,6 @@ class RequestAwarePydanticExtension(PydanticExtension):
     def map_serializer(self, auto_schema: Any, direction: str) -> Any:
         if direction != "request":
             return super().map_serializer(auto_schema, direction)
-        from drf_spectacular.plumbing import ResolvedComponent
-        from pydantic.json_schema import model_json_schema
-
         schema = model_json_schema(
             self.target, ref_template="#/components/schemas/{model}", mode="validation"
         )

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.http import Http404
+from django.conf import settings
 from pydantic import ValidationError
 from rest_framework import exceptions, status
-from rest_framework.response import Response
-from rest_framework.views import exception_handler
-
-from tokenmgr_project import unavailable
 
 FieldErrors = dict[str, list[str]]
 
@@ -59,8 +55,6 @@ def pydantic_field_errors(exc: ValidationError, prefix: str = "") -> FieldErrors
 
 def body_too_large_error() -> ApiError:
     """A request body over DATA_UPLOAD_MAX_MEMORY_SIZE (the HTTP bridge and the views)."""
-    from django.conf import settings
-
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return ApiError(
         "Request body too large.",
@@ -114,23 +108,3 @@ def error_body(exc: exceptions.APIException, status_code: int) -> dict[str, Any]
             "fields": fields,
         }
     }
-
-
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    if isinstance(exc, ApiError):
-        return Response(exc.body(), status=exc.status_code)
-    if isinstance(exc, unavailable.DATABASE_ERRORS):
-        # What the caches and the buffer could not answer without the database: retry later.
-        request = context.get("request")
-        unavailable.note(exc, request.path if request is not None else "api")
-        return Response(unavailable.body(), status=503, headers=unavailable.HEADERS)
-    if isinstance(exc, ValidationError):
-        err = validation_error(pydantic_field_errors(exc))
-        return Response(err.body(), status=err.status_code)
-    if isinstance(exc, Http404):
-        exc = exceptions.NotFound()
-    response = exception_handler(exc, context)
-    if response is None or not isinstance(exc, exceptions.APIException):
-        return response
-    response.data = error_body(exc, response.status_code)
-    return response

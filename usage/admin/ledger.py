@@ -1,3 +1,5 @@
+"""The ledger (read-only: written by ingestion only) and the flush's dead letters."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -11,11 +13,13 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils.functional import cached_property
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
-from tokenmgr_project import redis as tm_redis
+from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core.errors import ApiError
 from usage import pricing, selectors, services
-from usage.errors import ApiError
-from usage.models import ApiKey, DeadLetter, ManagerConfig, ModelPrice, TokenUsage
+from usage.admin.display import clipped, usd, when
+from usage.models import DeadLetter, TokenUsage
 
 # The admin never counts a large ledger: it counts at most this many matching rows.
 COUNT_CAP = 10_000
@@ -31,20 +35,8 @@ class CappedCountPaginator(Paginator):
 
 @admin.register(TokenUsage)
 class TokenUsageAdmin(admin.ModelAdmin):
-    list_display = (
-        "request_id",
-        "tenant",
-        "occurred_at",
-        "provider",
-        "model",
-        "total_tokens",
-        "cost_usd",
-        "team_id",
-        "project_id",
-        "agent",
-        "status",
-        "unpriced",
-    )
+    list_display = ("occurred", "request", "model_label", "total_tokens", "cost_usd", "outcome")
+    list_display_links = ("request",)
     list_filter = (
         ("occurred_at", admin.DateFieldListFilter),
         "status",
@@ -59,10 +51,108 @@ class TokenUsageAdmin(admin.ModelAdmin):
     paginator = CappedCountPaginator
     show_full_result_count = False
     list_per_page = 50
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "request_id",
+                    "tenant",
+                    "occurred_at",
+                    "received_at",
+                    "status",
+                    "error_type",
+                    "latency_ms",
+                )
+            },
+        ),
+        (
+            "Model and tokens",
+            {
+                "fields": (
+                    "provider",
+                    "model",
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_read_tokens",
+                    "cache_write_tokens",
+                    "total_tokens",
+                    "estimated",
+                )
+            },
+        ),
+        (
+            "Cost",
+            {"fields": ("cost_total", "cost_input", "cost_output", "price_source", "price_ref")},
+        ),
+        (
+            "Attribution",
+            {
+                "fields": (
+                    "team_id",
+                    "project_id",
+                    "user_id",
+                    "feature",
+                    "agent",
+                    "task_type",
+                    "conversation_id",
+                    "workflow_id",
+                    "reservation_id",
+                    "metadata",
+                )
+            },
+        ),
+        (
+            "Provenance",
+            {
+                "fields": (
+                    "parent_request_id",
+                    "root_request_id",
+                    "relationship",
+                    "intent",
+                    "input_hash",
+                    "output_hash",
+                    "cache_hit",
+                )
+            },
+        ),
+    )
+    readonly_fields = ("cost_total", "cost_input", "cost_output")
+
+    @admin.display(description="occurred", ordering="occurred_at")
+    def occurred(self, obj: TokenUsage) -> str:
+        return when(obj.occurred_at, seconds=True)
+
+    @admin.display(description="request id", ordering="request_id")
+    def request(self, obj: TokenUsage) -> SafeString:
+        return clipped(obj.request_id, 28)
+
+    @admin.display(description="model", ordering="model")
+    def model_label(self, obj: TokenUsage) -> SafeString:
+        return clipped(f"{obj.provider}/{obj.model}" if obj.provider else obj.model, 40)
 
     @admin.display(description="cost (USD)", ordering="cost")
     def cost_usd(self, obj: TokenUsage) -> str:
         return pricing.money(obj.cost)
+
+    @admin.display(description="status", ordering="status")
+    def outcome(self, obj: TokenUsage) -> SafeString:
+        # Unpriced (cost 0 until a price is known) shares the status column: it is rare.
+        if obj.unpriced:
+            return format_html("{}, <strong>unpriced</strong>", obj.status)
+        return format_html("{}", obj.status)
+
+    @admin.display(description="cost")
+    def cost_total(self, obj: TokenUsage) -> str:
+        return "unpriced (no price known)" if obj.unpriced else usd(obj.cost)
+
+    @admin.display(description="input cost")
+    def cost_input(self, obj: TokenUsage) -> str:
+        return usd(obj.input_cost)
+
+    @admin.display(description="output cost")
+    def cost_output(self, obj: TokenUsage) -> str:
+        return usd(obj.output_cost)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -72,6 +162,9 @@ class TokenUsageAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# --- dead letters ------------------------------------------------------------------------------
 
 
 @admin.register(DeadLetter)
@@ -134,131 +227,3 @@ class DeadLetterAdmin(admin.ModelAdmin):
         messages.success(request, f"Replayed {len(result.replayed)} dead letter(s).")
         for dead_id, error in result.failed.items():
             messages.error(request, f"{dead_id} is still refused: {error}")
-
-
-@admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = (
-        "name",
-        "prefix",
-        "scope",
-        "team_id",
-        "project_id",
-        "created_at",
-        "last_used_at",
-        "status",
-    )
-    list_filter = ("scope",)
-    search_fields = ("name", "prefix", "team_id", "project_id")
-    actions = ("revoke",)
-    fields = ("name", "scope", "team_id", "project_id")
-
-    def get_readonly_fields(
-        self, request: HttpRequest, obj: ApiKey | None = None
-    ) -> tuple[str, ...]:
-        if obj is None:
-            return ()
-        return (
-            "prefix",
-            "scope",
-            "team_id",
-            "project_id",
-            "created_at",
-            "created_by",
-            "last_used_at",
-            "revoked_at",
-        )
-
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
-        if obj is None:
-            return self.fields
-        return ("name", *self.get_readonly_fields(request, obj))
-
-    @admin.display(description="status")
-    def status(self, obj: ApiKey) -> str:
-        return (
-            "active"
-            if obj.is_active
-            else format_html("<strong>revoked</strong> {}", obj.revoked_at)
-        )
-
-    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
-        if change:
-            obj.save(update_fields=["name"])
-            return
-        key, raw = services.api_key_create(
-            name=obj.name,
-            scope=obj.scope,
-            team_id=obj.team_id,
-            project_id=obj.project_id,
-            created_by=request.user,
-        )
-        obj.pk = key.pk
-        obj.prefix, obj.key_hash, obj.created_at = key.prefix, key.key_hash, key.created_at
-        messages.warning(
-            request,
-            format_html(
-                "Copy this API key now; it will not be shown again: "
-                "<code id='new-api-key'>{}</code>",
-                raw,
-            ),
-        )
-
-    @admin.action(description="Revoke selected keys")
-    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        count = 0
-        for key in queryset.filter(revoked_at__isnull=True):
-            services.api_key_revoke(key=key)
-            count += 1
-        messages.success(request, f"Revoked {count} key(s).")
-
-
-@admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
-    list_display = (
-        "model",
-        "provider",
-        "input_per_mtok",
-        "output_per_mtok",
-        "cache_read_per_mtok",
-        "cache_write_per_mtok",
-        "effective_from",
-        "note",
-    )
-    search_fields = ("model", "provider")
-    list_filter = ("provider",)
-
-    def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        pricing.overrides.invalidate()
-
-    def delete_model(self, request: HttpRequest, obj: ModelPrice) -> None:
-        super().delete_model(request, obj)
-        pricing.overrides.invalidate()
-
-
-@admin.register(ManagerConfig)
-class ManagerConfigAdmin(admin.ModelAdmin):
-    list_display = (
-        "__str__",
-        "buffer_size",
-        "flush_interval",
-        "retention_days",
-        "optimization_enabled",
-        "updated_at",
-    )
-    fields = (
-        "buffer_size",
-        "flush_interval",
-        "retention_days",
-        "alert_channels",
-        "optimization_enabled",
-    )
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return not ManagerConfig.objects.exists()
-
-    def save_model(self, request: HttpRequest, obj: ManagerConfig, form: Any, change: bool) -> None:
-        obj.pk = 1
-        super().save_model(request, obj, form, change)
-        services.manager_config_update()

@@ -1,8 +1,8 @@
-"""The one way request bodies are read as JSON: the fast path (usage.apis.fast_action, and
-through it the ASGI bridge) and DRF (`JsonParser`, REST_FRAMEWORK's only parser) both call
-`load_json`, so the two paths refuse the same bodies with the same words.
+"""The one way request input is read: JSON bodies (`load_json`, called by the hot path and by
+DRF's `JsonParser`, REST_FRAMEWORK's only parser, so both refuse the same bodies with the same
+words). Query values are read by core.api.query_text.
 
-Kept apart from usage.apis: DRF imports its parser classes while it defines APIView.
+Kept apart from core.api: DRF imports its parser classes while it defines APIView.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""How the admin shows things, in every app's admin: amounts as the API writes them
+(usage.pricing.money: "0.027", "500"), moments narrow and sortable, long ids clipped so lists
+fit a 1366 px screen; and forms that check through the services."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.db import models, transaction
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
+
+from tokenmgr_project.core.errors import ApiError, FieldErrors
+from usage import pricing
+
+EMPTY = "-"  # the admin's own empty_value_display
+
+
+def usd(value: Decimal | None) -> str:
+    """An amount as the API writes it, with its currency: "0.027 USD", "500 USD"."""
+    return EMPTY if value is None else f"{pricing.money(value)} {pricing.CURRENCY}"
+
+
+def amount(value: Decimal | None) -> str:
+    """An amount as the API writes it, for a column whose header names the unit."""
+    return EMPTY if value is None else pricing.money(value)
+
+
+def when(value: datetime | None, *, seconds: bool = False) -> str:
+    """A moment in local time, sortable and narrow: "2026-12-01 11:56"."""
+    if value is None:
+        return EMPTY
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def clipped(text: str, length: int) -> SafeString:
+    """Text cut to `length` characters for a list column, the whole of it in the tooltip. It may
+    wrap anywhere (class tm-clip, admin.css): ids have no spaces to wrap at."""
+    if len(text) <= length:
+        return format_html('<span class="tm-clip">{}</span>', text)
+    return format_html(
+        '<span class="tm-clip" title="{}">{}</span>', text, Truncator(text).chars(length)
+    )
+
+
+class MoneyInput(forms.NumberInput):
+    """A decimal input that shows its value as the API writes it ("500", not "500.000000")."""
+
+    def format_value(self, value: Any) -> str | None:
+        if isinstance(value, Decimal):
+            return pricing.money(value)
+        return super().format_value(value)
+
+
+MONEY_WIDGETS: dict[type[models.Field[Any, Any]], dict[str, Any]] = {
+    models.DecimalField: {"widget": MoneyInput}
+}
+
+
+class _DryRun(Exception):
+    """Raised to roll back a service call made only to learn its validation errors."""
+
+
+def service_errors(call: Any) -> FieldErrors:
+    """Run a service in a savepoint that is always rolled back and return its field errors, so a
+    form shows the service's own rules in its words."""
+    try:
+        with transaction.atomic():
+            call()
+            raise _DryRun
+    except _DryRun:
+        return {}
+    except ApiError as exc:
+        return exc.fields or {"__all__": [exc.message]}

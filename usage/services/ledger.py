@@ -1,0 +1,128 @@
+"""The ledger writer: insert-if-absent on (tenant, request_id), by VALUES or COPY; retention."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from django.db import connection, transaction
+from django.utils import timezone
+
+from usage import rows as rows_codec
+from usage.models import TokenUsage
+from usage.rows import METADATA_COL, ROW_COLUMNS, Row
+from usage.services.config import manager_config
+
+_TABLE = TokenUsage._meta.db_table
+_COLS = ", ".join(ROW_COLUMNS)
+# Rows per INSERT … VALUES statement (SQLite allows 32,766 bound parameters).
+_VALUES_CHUNK = 800
+# At or above this many rows, PostgreSQL takes the COPY path.
+_COPY_THRESHOLD = 64
+
+
+def _db_params(row: Row) -> list[Any]:
+    ops = connection.ops
+    values = list(row)
+    for i in rows_codec.DATETIME_COLS:
+        values[i] = ops.adapt_datetimefield_value(values[i])
+    values[METADATA_COL] = json.dumps(values[METADATA_COL], separators=(",", ":"))
+    return values
+
+
+Key = tuple[str, str]  # (tenant, request_id): what identifies a ledger row
+
+
+def usage_rows_insert(rows: list[Row]) -> set[Key]:
+    """Insert ledger rows unless their (tenant, request_id) exists; returns the keys inserted."""
+    if not rows:
+        return set()
+    if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+        return usage_lines_insert([rows_codec.encode_line(row) for row in rows])
+    inserted: set[Key] = set()
+    with transaction.atomic():
+        for start in range(0, len(rows), _VALUES_CHUNK):
+            inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
+    return inserted
+
+
+def usage_lines_insert(lines: list[str]) -> set[Key]:
+    """The same for rows already encoded as COPY text lines (the buffer's form)."""
+    if not lines:
+        return set()
+    if connection.vendor != "postgresql":
+        return usage_rows_insert([rows_codec.decode_line(line) for line in lines])
+    data = "\n".join(lines) + "\n"
+    try:
+        # Nearly always nothing conflicts (Redis claimed every id): COPY straight into the ledger.
+        with (
+            transaction.atomic(),
+            connection.cursor() as cursor,
+            cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy,
+        ):
+            copy.write(data)
+        return {rows_codec.line_key(line) for line in lines}
+    except psycopg.errors.UniqueViolation:
+        # A re-claimed entry or an old repeat: stage, then insert only the absent rows.
+        return _insert_staged(data)
+
+
+def _insert_values(rows: list[Row]) -> set[Key]:
+    jsonb = connection.vendor == "postgresql"
+    one = (
+        "("
+        + ", ".join("%s::jsonb" if jsonb and c == "metadata" else "%s" for c in ROW_COLUMNS)
+        + ")"
+    )
+    sql = (
+        f"INSERT INTO {_TABLE} ({_COLS}) VALUES {', '.join([one] * len(rows))} "
+        "ON CONFLICT (tenant, request_id) DO NOTHING RETURNING tenant, request_id"
+    )
+    params: list[Any] = []
+    for row in rows:
+        params.extend(_db_params(row))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {(r[0], r[1]) for r in cursor.fetchall()}
+
+
+def _insert_staged(data: str) -> set[Key]:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
+            f"SELECT {_COLS} FROM {_TABLE} WITH NO DATA"
+        )
+        with cursor.cursor.copy(f"COPY usage_stage ({_COLS}) FROM STDIN") as copy:
+            copy.write(data)
+        cursor.execute(
+            f"INSERT INTO {_TABLE} ({_COLS}) SELECT {_COLS} FROM usage_stage "
+            "ON CONFLICT (tenant, request_id) DO NOTHING RETURNING tenant, request_id"
+        )
+        inserted = {(r[0], r[1]) for r in cursor.fetchall()}
+        cursor.execute("TRUNCATE usage_stage")
+        return inserted
+
+
+# --- retention ---------------------------------------------------------------------------------
+_PURGE_CHUNK = 10_000
+
+
+def usage_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -> int:
+    """Delete ledger rows older than retention_days (0 keeps everything), in bounded chunks."""
+    days = manager_config().retention_days
+    if days <= 0:
+        return 0
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    deleted = 0
+    for _ in range(max_chunks):
+        ids = list(
+            TokenUsage.objects.filter(occurred_at__lt=cutoff).values_list("pk", flat=True)[
+                :_PURGE_CHUNK
+            ]
+        )
+        if not ids:
+            break
+        deleted += TokenUsage.objects.filter(pk__in=ids).delete()[0]
+    return deleted
