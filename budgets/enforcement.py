@@ -211,7 +211,7 @@ def budget_check(
     attribution = _attribution(params, principal)
     now = timezone.now()
     price = pricing.price_usage(
-        choice=pricing.price_choice(params.provider, params.model, now),
+        choice=pricing.price_choice(params.provider, params.model, now, cached_only=cached_only),
         provider=params.provider,
         model=params.model,
         at=now,
@@ -223,7 +223,7 @@ def budget_check(
     cost: Decimal = price.cost
     tokens = input_tokens + params.max_output_tokens
     cost_units = counters.hold_units(cost)
-    rules = selectors.applicable_rules(attribution)
+    rules = selectors.applicable_rules(attribution, cached_only=cached_only)
     if params.budget_id is not None:
         _expect_budget(principal, params.budget_id, rules)
     holds = [_hold_for(rule, rule.budget.window_at(now)) for rule in rules]

@@ -154,7 +154,6 @@ class _Rules:
 # Budgets and overrides change rarely; every process re-reads them at least this often, and at
 # once after a change made in this process (budget_limits_changed).
 RULES_TTL_SECONDS = 1.0
-FRESH_MARGIN_SECONDS = 0.1
 _rules = _Rules()
 _rules_lock = threading.Lock()
 _rules_loaded_once = False
@@ -191,14 +190,15 @@ def _load_rules(now: datetime) -> _Rules:
 
 
 def rules_fresh() -> bool:
-    """Will the cached rules still be current for the next moment (the length of one check:
-    active_rules will not read the database meanwhile)?"""
-    return time.monotonic() - _rules.loaded_at < RULES_TTL_SECONDS - FRESH_MARGIN_SECONDS
+    """Are the cached rules current (active_rules would not read the database)?"""
+    return time.monotonic() - _rules.loaded_at <= RULES_TTL_SECONDS
 
 
-def active_rules() -> _Rules:
+def active_rules(*, cached_only: bool = False) -> _Rules:
+    """The rules, reloaded after RULES_TTL_SECONDS; with `cached_only` never (the caller checked
+    rules_fresh() a moment ago and may not touch the database)."""
     global _rules, _rules_loaded_once
-    if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
+    if not cached_only and time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
         with _rules_lock:
             if time.monotonic() - _rules.loaded_at > RULES_TTL_SECONDS:
                 try:
@@ -214,9 +214,9 @@ def active_rules() -> _Rules:
     return _rules
 
 
-def applicable_rules(attribution: Mapping[str, str]) -> list[Rule]:
+def applicable_rules(attribution: Mapping[str, str], *, cached_only: bool = False) -> list[Rule]:
     """Every active budget whose scope matches this attribution (all levels), by budget id."""
-    rules = active_rules()
+    rules = active_rules(cached_only=cached_only)
     found = list(rules.by_scope.get(("", ""), ()))
     for dim in DIMENSIONS:
         value = attribution.get(dim) or ""

@@ -25,9 +25,9 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from reporting.broadcaster import StatusBroadcaster  # noqa: E402
 from reporting.routing import websocket_urlpatterns  # noqa: E402
+from tokenmgr_project.core import warmup  # noqa: E402
 from tokenmgr_project.core.hotpath import HotPath  # noqa: E402
 from tokenmgr_project.core.http import WsgiBridge  # noqa: E402
-from usage import pricing  # noqa: E402
 
 Message = dict[str, Any]
 
@@ -54,10 +54,10 @@ class Lifespan:
 
 
 def _warm_up_and_freeze() -> None:
-    """Load the price catalogue now, then take everything loaded so far out of the garbage
-    collector's sight: a full collection over Django, DRF and the catalogue took ~65 ms, a
-    stall for whichever request triggered it."""
-    pricing.catalogue_model("openai", "gpt-4o")
+    """Run the apps' warm-up steps (the usage app loads the price catalogue), then take
+    everything loaded so far out of the garbage collector's sight: a full collection over
+    Django, DRF and the catalogue took ~65 ms, a stall for whichever request triggered it."""
+    warmup.run()
     gc.collect()
     gc.freeze()
 

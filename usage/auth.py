@@ -26,8 +26,6 @@ KEY_CACHE_SECONDS = 5.0
 # last_used_at is written at most this often per key and process: a write per request would cost
 # more than the request.
 LAST_USED_WRITE_SECONDS = 60.0
-# A cached entry this close to expiry is not used on the event loop (a request takes less).
-KEY_FRESH_MARGIN_SECONDS = 0.1
 
 
 # While the database is unreachable a key is still accepted if it was validated recently: from
@@ -89,7 +87,7 @@ class _KeyCache:
         runs `get` does its bookkeeping (the event loop may not touch the database)."""
         now = self.clock()
         entry = self._entries.get(key_hash)
-        if entry is None or entry[0] <= now + KEY_FRESH_MARGIN_SECONDS:
+        if entry is None or entry[0] <= now:
             return False, None
         principal = entry[1]
         key_id = principal.key_id if principal is not None else None

@@ -46,7 +46,7 @@ class TokenUsage(models.Model):
         UNPRICED = "unpriced", "no price known"
 
     # Whose request_id this is (unique per tenant): "p:<team>/<project>" for a project key,
-    # "t:<team>" for a team key, "org" for a global key or staff (usage.auth.Principal.tenant).
+    # "t:<team>" for a team key, "org" for a global key or staff (core.principal.Principal.tenant).
     tenant = models.CharField(max_length=300, default="org")
     request_id = models.CharField(max_length=128)
     occurred_at = models.DateTimeField()

@@ -42,7 +42,6 @@ def ledger_cost(value: Decimal) -> Decimal:
 
 # Overrides are re-read at least this often, so an edit in another process applies quickly.
 _OVERRIDE_TTL_SECONDS = 5.0
-_FRESH_MARGIN_SECONDS = 0.5
 
 
 def money(value: Decimal | None) -> str:
@@ -157,12 +156,11 @@ class _OverrideTable:
         self._loaded_at = 0.0
 
     def fresh(self) -> bool:
-        """Will the cached overrides still be current for the next moment (one request's
-        pricing will not read the database meanwhile)?"""
-        return time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS - _FRESH_MARGIN_SECONDS
+        """Are the cached overrides current (pricing would not read the database)?"""
+        return time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS
 
-    def _rows(self) -> dict[str, list[ModelPrice]]:
-        if time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS:
+    def _rows(self, cached_only: bool = False) -> dict[str, list[ModelPrice]]:
+        if cached_only or time.monotonic() - self._loaded_at < _OVERRIDE_TTL_SECONDS:
             return self._by_model
         with self._lock:
             if time.monotonic() - self._loaded_at >= _OVERRIDE_TTL_SECONDS:
@@ -183,8 +181,12 @@ class _OverrideTable:
                 self._loaded_once = True
         return self._by_model
 
-    def find(self, provider: str, model: str, at: datetime) -> ModelPrice | None:
-        rows = self._rows().get(model.lower())
+    def find(
+        self, provider: str, model: str, at: datetime, *, cached_only: bool = False
+    ) -> ModelPrice | None:
+        """The override in effect; `cached_only`: from what is loaded, never reloading (the
+        caller checked fresh() a moment ago and may not touch the database)."""
+        rows = self._rows(cached_only).get(model.lower())
         if not rows:
             return None
         provider = provider.lower()
@@ -224,8 +226,10 @@ class PriceChoice:
     provider: str
 
 
-def price_choice(provider: str, model: str, at: datetime) -> PriceChoice:
-    override = overrides.find(provider, model, at)
+def price_choice(
+    provider: str, model: str, at: datetime, *, cached_only: bool = False
+) -> PriceChoice:
+    override = overrides.find(provider, model, at, cached_only=cached_only)
     if override is not None:
         return PriceChoice(
             _override_rates(override),

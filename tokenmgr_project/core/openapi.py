@@ -167,7 +167,7 @@ def _error_codes(method: str, path: str, operation: dict[str, Any]) -> set[str]:
 
 def _drop_path_fields(operation: dict[str, Any], components: dict[str, Any]) -> None:
     """An id that comes from the URL is not asked for in the body too (the view fills it in
-    and refuses a different one: usage.apis.with_url_id)."""
+    and refuses a different one: core.api.with_url_id)."""
     names = {p["name"] for p in operation.get("parameters", []) if p.get("in") == "path"}
     for schema in _media_schemas(operation["requestBody"]):
         ref = (schema or {}).get("$ref", "")

@@ -3,7 +3,7 @@
 
 The hot path keeps working from caches and the Redis buffer while PostgreSQL is down; what it
 truly cannot decide (an unknown key, a read of the ledger, the admin) ends here. The DRF
-exception handler, the fast path (usage.apis.fast_action), the ASGI bridge and
+exception handler (core.api), the hot path (core.hotpath.run_action) and
 `DatabaseUnavailableMiddleware` (every other Django view) all use this module, so the answer is
 the same everywhere. Imports no app.
 """
