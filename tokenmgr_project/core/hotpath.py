@@ -37,7 +37,8 @@ from django.utils.module_loading import import_string
 from rest_framework import exceptions, status
 
 from tokenmgr_project.core import actions, unavailable
-from tokenmgr_project.core.errors import ApiError, body_too_large_error, error_body
+from tokenmgr_project.core.errors import ApiError, error_body
+from tokenmgr_project.core.http import read_body
 from tokenmgr_project.core.parsers import load_json
 from tokenmgr_project.core.principal import (
     BEARER_CHALLENGE,
@@ -167,17 +168,6 @@ _SERVER_ERROR: tuple[int, dict[str, Any], dict[str, str]] = (
 INLINE_MAX_BODY = 4096
 
 
-def _error(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
-    if isinstance(exc, ApiError):
-        return exc.status_code, exc.body(), {}
-    if isinstance(exc, exceptions.APIException):
-        headers = {}
-        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-            headers["WWW-Authenticate"] = BEARER_CHALLENGE
-        return exc.status_code, error_body(exc, exc.status_code), headers
-    raise exc
-
-
 def _data(raw_body: bytes) -> Any:
     # DRF gives a view {} for an empty body (there is no stream to parse), not a parse error.
     return load_json(raw_body) if raw_body else {}
@@ -199,8 +189,12 @@ def run_action(
         else:
             principal = principal_for_bearer(authorization)
             outcome = actions.run(name, principal, _data(raw_body))
-    except (ApiError, exceptions.APIException) as exc:
-        return _error(exc)
+    except ApiError as exc:
+        return exc.status_code, exc.body(), {}
+    except exceptions.APIException as exc:
+        unauthorized = exc.status_code == status.HTTP_401_UNAUTHORIZED
+        headers = {"WWW-Authenticate": BEARER_CHALLENGE} if unauthorized else {}
+        return exc.status_code, error_body(exc, exc.status_code), headers
     except unavailable.DATABASE_ERRORS as exc:
         # Known keys, rules and prices are served from cache and usage is buffered while the
         # database is down; only what needs it (an unknown key, say) arrives here.
@@ -312,29 +306,3 @@ def _allowed_hosts() -> list[str]:
     if settings.DEBUG and not hosts:
         hosts = [".localhost", "127.0.0.1", "[::1]"]  # as HttpRequest.get_host() does
     return hosts
-
-
-async def read_body(receive: Any, send: Any) -> bytes | None:
-    """The whole request body, or None: the client left, or the body passed
-    DATA_UPLOAD_MAX_MEMORY_SIZE (answered 413 before buffering an unbounded upload)."""
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            await _too_large(send)
-            return None
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _too_large(send: Any) -> None:
-    error = body_too_large_error()
-    body = _ENCODER.encode(error.body()).encode()
-    headers = [(b"content-type", b"application/json")]
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -16,14 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from a2wsgi.wsgi import build_environ
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 
-from tokenmgr_project.core.hotpath import read_body
+from tokenmgr_project.core.errors import body_too_large_error
 
 Message = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 # Chunks a streaming response may run ahead of a slow client before its thread waits.
 STREAM_QUEUE_CHUNKS = 16
 _END = object()
+_ENCODER = DjangoJSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _headers(headers: list[tuple[str, str]]) -> Headers:
@@ -104,3 +107,29 @@ class WsgiBridge:
             raise
         finally:
             await asyncio.shield(call)
+
+
+async def read_body(receive: Any, send: Any) -> bytes | None:
+    """The whole request body, or None: the client left, or the body passed
+    DATA_UPLOAD_MAX_MEMORY_SIZE (answered 413 before buffering an unbounded upload)."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            await _too_large(send)
+            return None
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _too_large(send: Any) -> None:
+    error = body_too_large_error()
+    body = _ENCODER.encode(error.body()).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
