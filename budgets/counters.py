@@ -536,7 +536,7 @@ def freeze_ledger() -> None:
             cursor.execute(f"LOCK TABLE {TokenUsage._meta.db_table} IN SHARE MODE")
 
 
-def _not_in_ledger(rows: list[rows_codec.Row]) -> list[rows_codec.Row]:
+def not_in_ledger(rows: list[rows_codec.Row]) -> list[rows_codec.Row]:
     """These rows (deduplicated by (tenant, request_id)) minus those the ledger holds."""
     by_key = {rows_codec.row_key(r): r for r in rows}
     by_tenant: dict[str, list[str]] = {}
@@ -631,7 +631,7 @@ def _rebase_once(
         if not taken:
             return results
         try:
-            pending = _not_in_ledger(buffered_rows(last, dead=True))
+            pending = not_in_ledger(buffered_rows(last, dead=True))
             args: list[Any] = [token]
             for i in taken:
                 budget, window = pairs[i]
@@ -671,7 +671,7 @@ def unflushed(
     if buffered is None:
         buffered = buffered_rows()
     # A row is (tenant, request_id): another tenant's row with the same id is not this one.
-    return _not_in_ledger([r for r in buffered if match(r)])
+    return not_in_ledger([r for r in buffered if match(r)])
 
 
 # --- database mode -------------------------------------------------------------------------------

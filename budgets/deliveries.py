@@ -55,6 +55,7 @@ def alert_deliveries_create(alerts: Sequence[BudgetAlert]) -> None:
     """One pending delivery per alert and enabled channel, sent after commit."""
     if not alerts:
         return
+    transaction.on_commit(partial(_announce_alerts, list(alerts)))
     kinds = set(manager_config().alert_channels)
     channels = list(AlertChannel.objects.filter(is_active=True, kind__in=kinds))
     if not channels:
@@ -69,6 +70,10 @@ def alert_deliveries_create(alerts: Sequence[BudgetAlert]) -> None:
     )
     ids = [d.pk for d in deliveries]
     transaction.on_commit(partial(_enqueue_deliveries, ids))
+
+
+def _announce_alerts(alerts: list[BudgetAlert]) -> None:
+    signals.alerts_created.send(sender=BudgetAlert, alerts=alerts)
 
 
 def _enqueue_deliveries(delivery_ids: list[int]) -> None:

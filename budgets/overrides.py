@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from budgets import signals
 from budgets.models import Budget, BudgetOverride
 from budgets.selectors import budget_for_principal
 from budgets.services import budget_limits_changed
@@ -123,7 +124,7 @@ def override_request(
     )
     if errors:
         raise validation_error(errors, "Invalid override request.")
-    return BudgetOverride.objects.create(
+    override = BudgetOverride.objects.create(
         budget=budget,
         extra_cost=extra_cost,
         extra_tokens=extra_tokens,
@@ -133,6 +134,12 @@ def override_request(
         requested_by_user_id=principal.user_id,
         requested_by_key_id=principal.key_id,
     )
+    transaction.on_commit(partial(_announce, override, "requested"))
+    return override
+
+
+def _announce(override: BudgetOverride, change: str) -> None:
+    signals.override_changed.send(sender=BudgetOverride, override=override, change=change)
 
 
 def override_approve(*, override_id: int, user: User, reason: str) -> BudgetOverride:
@@ -220,6 +227,7 @@ def _override_decide(
         override.save(update_fields=["status", "decided_by", "decided_at", "decision_reason"])
         if status == BudgetOverride.Status.APPROVED:
             transaction.on_commit(partial(budget_limits_changed, override.budget_id))
+        transaction.on_commit(partial(_announce, override, str(status)))
     return override
 
 

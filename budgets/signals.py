@@ -7,3 +7,7 @@ from django.dispatch import Signal
 evaluations_wanted = Signal()
 # delivery_ids: new pending alert deliveries to send.
 deliveries_created = Signal()
+# alerts: BudgetAlert rows just created (committed). The live dashboard shows them.
+alerts_created = Signal()
+# override, change ("requested" | "approved" | "rejected" | "expired"), after commit.
+override_changed = Signal()

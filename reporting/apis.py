@@ -17,6 +17,7 @@ class StatusQueuedOut(BaseModel):
 
 class StatusApi(ActionView):
     actions_by_method: ClassVar[dict[str, str]] = {"post": "publish_status"}
+    fast_post = True  # agents publish many status messages a second
 
     @extend_schema(
         request=StatusIn, responses={202: StatusQueuedOut}, summary="Publish a live status message"

@@ -2,7 +2,10 @@
 publisher scope, conversation and category, to the Channels groups of the conversation's viewers
 whose scope covers the publisher's.
 
-A batch leaves when it holds BATCH_SIZE messages or its oldest message has waited BATCH_WINDOW.
+A batch leaves when it holds TOKENMGR_STATUS_BATCH_SIZE messages or its oldest message has waited
+TOKENMGR_STATUS_BATCH_WINDOW_MS. Each sent batch is also announced to the `status.broadcasted`
+group. Dashboard events (usage figures, alerts, overrides, flushes) are coalesced into the staff
+dashboard stream's updates (DashboardStream).
 With Redis it runs as its own process (`manage.py broadcast_status`); in the embedded default it
 runs inside the one server process, where the in-process channel layer lives.
 """
@@ -12,21 +15,158 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+import uuid
+from decimal import Decimal
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
 
-from reporting.services import BATCH_SIZE, BATCH_WINDOW, status_take, status_viewer_groups
+from reporting import services
+from reporting.publisher import publisher
+from reporting.selectors import dashboard_state
 
 logger = logging.getLogger(__name__)
 _TAKE = 500  # messages taken from the queue per poll
 _FALLBACK_EVERY = 1.0  # seconds between looks at the database queue when Redis is the queue
+_METRICS_EVERY = 1.0  # seconds between writes of the metrics to Redis (when idle)
 # Wait after a failed tick: doubling from _BACKOFF_FIRST, at most _BACKOFF_MAX seconds, so an
 # outage costs a log line every few seconds and live status resumes soon after Redis does.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
+
+
+def _client_message(item: dict[str, Any]) -> dict[str, Any]:
+    """A queued message as the seed's client reads it (queued by an older version: "data" and
+    "at" instead of "metadata" and "timestamp")."""
+    message_id = item.get("id") or uuid.uuid4().hex
+    return {
+        "id": message_id,
+        "message": item["message"],
+        "metadata": item.get("metadata", item.get("data", {})),
+        "timestamp": item.get("timestamp", item.get("at")),
+        "agent_id": item.get("agent_id", ""),
+        "correlation_id": item.get("correlation_id") or message_id,
+    }
+
+
+_ZERO_DAY = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": "0", "errors": 0}
+
+
+class DashboardStream:
+    """The staff dashboard's stream: the events taken in each tick are added up and sent as one
+    coalesced update at most `TOKENMGR_LIVE_DASHBOARD_RATE` times a second, however many
+    arrived. The budget bars, pending overrides and buffer (`dashboard_state`) are re-read with
+    an update when something that moves them happened, at most once a second, and every
+    HEARTBEAT seconds anyway (the buffer drains without events)."""
+
+    STATE_EVERY = 1.0
+    HEARTBEAT = 5.0
+    MAX_EVENTS = 50  # per update; older ones of a burst are left out (and counted)
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.seq = 0
+        self.days: dict[str, dict[str, Any]] = {}
+        self.minutes: dict[str, int] = {}
+        self.events: list[dict[str, Any]] = []
+        self.events_left_out = 0
+        self.dirty = False
+        self.state_wanted = True
+        self.sent_at = 0.0
+        self.state_at = -self.HEARTBEAT
+        self.state: dict[str, Any] | None = None
+        self._reading: asyncio.Future[dict[str, Any] | None] | None = None
+
+    def add(self, item: dict[str, Any]) -> None:
+        self.dirty = True
+        if item.get("kind") == "usage":
+            for day, delta in item.get("days", {}).items():
+                into = self.days.setdefault(
+                    day,
+                    {
+                        "requests": 0,
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "cost": "0",
+                        "errors": 0,
+                    },
+                )
+                for name in ("requests", "input_tokens", "output_tokens", "errors"):
+                    into[name] += int(delta.get(name, 0))
+                into["cost"] = str(Decimal(into["cost"]) + Decimal(delta.get("cost", "0")))
+            for minute, n in item.get("minutes", {}).items():
+                self.minutes[minute] = self.minutes.get(minute, 0) + int(n)
+            self.state_wanted = True  # budget bars move with spend
+            return
+        self.events.append(item)
+        if item.get("kind") in ("alert", "override", "flush"):
+            self.state_wanted = True
+        if len(self.events) > self.MAX_EVENTS:
+            self.events_left_out += len(self.events) - self.MAX_EVENTS
+            del self.events[: -self.MAX_EVENTS]
+
+    def _refresh_state(self, now: float) -> None:
+        """Re-read the state on a thread of its own when due: budget_status for many budgets
+        takes a while, and the status batches must not wait for it."""
+        if self._reading is not None:
+            if not self._reading.done():
+                return
+            reading, self._reading = self._reading, None
+            try:
+                self.state = reading.result()
+            except Exception:  # the next heartbeat tries again
+                logger.warning("could not read the dashboard's state", exc_info=True)
+            self.dirty = self.dirty or self.state is not None
+            return
+        due = now - self.state_at >= self.HEARTBEAT or (
+            self.state_wanted and now - self.state_at >= self.STATE_EVERY
+        )
+        if due:
+            self.state_at, self.state_wanted = now, False
+            read = database_sync_to_async(_state_if_watched, thread_sensitive=False)
+            self._reading = asyncio.ensure_future(read())
+
+    async def maybe_send(self, now: float, *, force: bool = False) -> bool:
+        self._refresh_state(now)
+        if force and self._reading is not None:
+            await asyncio.wait([self._reading])
+            self._refresh_state(now)
+        if not self.dirty:
+            return False
+        if not force and now - self.sent_at < 1.0 / settings.TOKENMGR_LIVE_DASHBOARD_RATE:
+            return False
+        update: dict[str, Any] = {
+            "type": "dashboard.update",
+            "seq": self.seq + 1,
+            "at": timezone.now().isoformat(),
+            "usage": {"days": self.days, "minutes": self.minutes},
+            "events": self.events,
+            "events_left_out": self.events_left_out,
+            "state": None,
+        }
+        if self.state is not None:
+            update["state"], self.state = self.state, None
+        await self.layer.group_send(services.DASHBOARD_GROUP, update)
+        services.metrics.add("dashboard_updates")
+        self.seq += 1
+        self.sent_at = now
+        self.days, self.minutes, self.events = {}, {}, []
+        self.events_left_out = 0
+        self.dirty = False
+        return True
+
+
+def _state_if_watched() -> dict[str, Any] | None:
+    """dashboard_state, unless no dashboard socket is open anywhere (nobody would see it)."""
+    connected = services.clients.total()
+    if connected is not None and not connected.get("dashboard"):
+        return None
+    return dashboard_state()
 
 
 class StatusBroadcaster:
@@ -37,6 +177,9 @@ class StatusBroadcaster:
         self.pending: dict[tuple[str, str, str, str], tuple[float, list[dict[str, Any]]]] = {}
         self.sent_batches = 0
         self.fallback_checked = 0.0
+        self.metrics_saved = 0.0
+        self.dropped: int | None = 0
+        self.dashboard = DashboardStream(self.layer)
 
     async def _send(
         self,
@@ -46,45 +189,84 @@ class StatusBroadcaster:
         category: str,
         messages: list[dict[str, Any]],
     ) -> None:
-        event = {
+        batch = {
             "type": "status.batch",
             "conversation_id": conversation_id,
             "team_id": team_id,
             "project_id": project_id,
             "category": category,
             "messages": messages,
+            "count": len(messages),
+            "timestamp": timezone.now().isoformat(),
+            "batch_id": secrets.token_urlsafe(8),
+            "dropped": self.dropped,  # by the server so far (queue overflow), all feeds
         }
-        for group in status_viewer_groups(conversation_id, team_id=team_id, project_id=project_id):
-            await self.layer.group_send(group, event)
+        groups = services.status_viewer_groups(
+            conversation_id, team_id=team_id, project_id=project_id
+        )
+        for group in groups:
+            await self.layer.group_send(group, batch)
+        # Then for code inside the project that listens (the seed's status.broadcasted).
+        await self.layer.group_send(
+            services.BROADCASTED_GROUP,
+            {
+                "type": "status.broadcasted",
+                "conversation_id": conversation_id,
+                "category": category,
+                "team_id": team_id,
+                "project_id": project_id,
+                "payload": batch,
+            },
+        )
         self.sent_batches += 1
+        services.metrics.add("batches_sent")
+        services.metrics.add("broadcasts", len(groups) + 1)
 
     async def tick(self, *, flush_all: bool = False) -> int:
-        """Take what is queued, send every full or due batch; returns messages taken."""
+        """Take what is queued, send every full or due batch and a due dashboard update;
+        returns messages and events taken."""
         now = time.monotonic()
         fallback = flush_all or now - self.fallback_checked >= _FALLBACK_EVERY
         if fallback:
             self.fallback_checked = now
-        taken = await database_sync_to_async(status_take)(_TAKE, include_fallback=fallback)
+        local, dropped_here = publisher.take() if publisher.taken_locally else ([], 0)
+        services.local_drops.add(dropped_here)
+        taken = local + await database_sync_to_async(services.status_take)(
+            _TAKE, include_fallback=fallback
+        )
+        if taken or flush_all or self.dropped is None:
+            self.dropped = await database_sync_to_async(services.status_dropped)()
+        size, window = services.batch_size(), services.batch_window()
+        processed = 0
         for item in taken:
+            if item.get("stream") == services.DASHBOARD:
+                self.dashboard.add(item)
+                continue
+            processed += 1
             # Messages queued before they carried a scope count as organisation-wide.
             scope = (item.get("team_id", ""), item.get("project_id", ""))
             key = (*scope, item["conversation_id"], item["category"])
             started, messages = self.pending.get(key, (now, []))
-            messages.append({"message": item["message"], "data": item["data"], "at": item["at"]})
+            messages.append(_client_message(item))
             self.pending[key] = (started, messages)
+        services.metrics.add("processed", processed)
         for key, (started, messages) in list(self.pending.items()):
             oldest = started
-            while len(messages) >= BATCH_SIZE:
-                await self._send(*key, messages[:BATCH_SIZE])
-                del messages[:BATCH_SIZE]
+            while len(messages) >= size:
+                await self._send(*key, messages[:size])
+                del messages[:size]
                 oldest = now  # what is left arrived in this tick
-            if messages and (flush_all or now - oldest >= BATCH_WINDOW):
+            if messages and (flush_all or now - oldest >= window):
                 await self._send(*key, list(messages))
                 messages.clear()
             if messages:
                 self.pending[key] = (oldest, messages)
             else:
                 del self.pending[key]
+        await self.dashboard.maybe_send(now, force=flush_all)
+        if taken or flush_all or now - self.metrics_saved >= _METRICS_EVERY:
+            await database_sync_to_async(services.metrics_flush)()
+            self.metrics_saved = now
         return len(taken)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -114,7 +296,7 @@ class StatusBroadcaster:
                 logger.warning("status broadcaster recovered after %d failed ticks", failures)
                 failures = 0
             if not taken:
-                await _wait(stop, BATCH_WINDOW / 4)
+                await _wait(stop, services.batch_window() / 4)
         try:
             await self.tick(flush_all=True)
         except Exception:  # stopping anyway: what could not be sent is lost with the process

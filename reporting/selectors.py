@@ -1,9 +1,34 @@
-"""Reads of the reporting app."""
+"""Reads of the reporting app: who may watch a conversation, and the live dashboard's figures."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, Max, Q, Sum
+from django.db.models.functions import TruncMinute
+from django.urls import reverse
+from django.utils import timezone
+
+from budgets import counters
+from budgets.deliveries import alert_payload
+from budgets.models import Budget, BudgetAlert, BudgetOverride
+from budgets.selectors import budget_status, plain
+from reporting import services
+from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.principal import Principal
-from usage.selectors import usage_for_principal
+from usage import pricing
+from usage.models import TokenUsage
+from usage.rows import ROW_INDEX
+from usage.selectors import buffer_state, usage_for_principal
+
+BUDGET_BARS = 12  # budgets shown on the dashboard: hard ones near their limit first
+BUDGETS_CONSIDERED = 500  # active budgets whose utilisation is read to pick those
+LATEST_ALERTS = 10
+CHART_MINUTES = 60
+ACTIVE_CONVERSATIONS = 50
+ACTIVE_WITHIN = timedelta(hours=24)
 
 
 def conversation_visible_to(principal: Principal, conversation_id: str) -> bool:
@@ -12,3 +37,194 @@ def conversation_visible_to(principal: Principal, conversation_id: str) -> bool:
     if principal.is_global:
         return True
     return usage_for_principal(principal).filter(conversation_id=conversation_id).exists()
+
+
+# --- the live dashboard (staff) ------------------------------------------------------------------
+
+
+def _percent(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def budget_bars(*, now: datetime | None = None, limit: int = BUDGET_BARS) -> list[dict[str, Any]]:
+    """The active budgets' utilisation as GET /budgets/{id}/status reads it (budget_status), hard
+    budgets first, each group nearest its limit first."""
+    now = now or timezone.now()
+    bars: list[dict[str, Any]] = []
+    for budget in Budget.objects.filter(is_active=True).order_by("pk")[:BUDGETS_CONSIDERED]:
+        status = budget_status(budget, now=now)
+        shares = [p for p in (status.cost_percent, status.tokens_percent) if p is not None]
+        bars.append(
+            {
+                "id": budget.pk,
+                "name": budget.name,
+                "scope": budget.scope,
+                "scope_id": budget.scope_id,
+                "enforcement": budget.enforcement,
+                "percent": _percent(max(shares)) if shares else None,
+                "cost_spent": pricing.money(status.cost_spent),
+                "cost_limit": None
+                if status.effective_cost_limit is None
+                else pricing.money(status.effective_cost_limit),
+                "tokens_spent": status.tokens_spent,
+                "token_limit": status.effective_token_limit,
+                "period_end": status.period_end.isoformat() if status.period_end else None,
+                "url": reverse("admin:budgets_budget_change", args=[budget.pk]),
+            }
+        )
+    bars.sort(key=lambda b: (b["enforcement"] != Budget.Enforcement.HARD, -(b["percent"] or 0.0)))
+    return bars[:limit]
+
+
+def _buffer() -> dict[str, Any]:
+    if not tm_redis.configured():
+        return {"mode": "direct", "depth": 0, "last_flush_at": None, "last_flush_count": None}
+    try:
+        state = buffer_state()
+    except tm_redis.REDIS_ERRORS:
+        return {"mode": "unreachable", "depth": None, "last_flush_at": None}
+    return {"mode": "buffered", **state}
+
+
+def dashboard_state(*, now: datetime | None = None) -> dict[str, Any]:
+    """What the dashboard stream refreshes (at most about once a second): budget bars, pending
+    overrides, the buffer and the status queue."""
+    now = now or timezone.now()
+    return {
+        "at": now.isoformat(),
+        "budgets": budget_bars(now=now),
+        "overrides_pending": BudgetOverride.objects.filter(
+            status=BudgetOverride.Status.PENDING, expires_at__gt=now
+        ).count(),
+        "buffer": _buffer(),
+        "status_messages": {
+            k: v
+            for k, v in services.status_queue_stats().items()
+            if k in ("queued", "dropped", "connected_clients")
+        },
+    }
+
+
+def _buffered_rows_not_in_ledger() -> list[tuple[Any, ...]]:
+    """Acknowledged usage still in the Redis buffer (the dashboard counts it as recorded: the
+    stream's updates did, when it was accepted)."""
+    if not tm_redis.configured():
+        return []
+    try:
+        rows = counters.buffered_rows()
+    except tm_redis.REDIS_ERRORS:
+        return []
+    return counters.not_in_ledger(rows)
+
+
+def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
+    """The dashboard's figures on first load and after a reconnect: today's totals and the last
+    hour's requests per minute (ledger plus buffer), the latest alerts and `dashboard_state`."""
+    now = now or timezone.now()
+    tz = timezone.get_current_timezone()
+    day_start = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    chart_start = (now - timedelta(minutes=CHART_MINUTES - 1)).replace(second=0, microsecond=0)
+    # The buffer first: a row flushed in between is then in the ledger's answer, not lost.
+    buffered = _buffered_rows_not_in_ledger()
+    today = TokenUsage.objects.filter(occurred_at__gte=day_start).aggregate(
+        requests=Count("id"),
+        input_tokens=Sum("input_tokens"),
+        output_tokens=Sum("output_tokens"),
+        cost=Sum("cost"),
+        errors=Count("id", filter=Q(status=TokenUsage.Status.ERROR)),
+    )
+    totals: dict[str, Any] = {
+        "requests": today["requests"] or 0,
+        "input_tokens": today["input_tokens"] or 0,
+        "output_tokens": today["output_tokens"] or 0,
+        "cost": today["cost"] or Decimal(0),
+        "errors": today["errors"] or 0,
+    }
+    per_minute: dict[str, int] = {}
+    minute_rows = (
+        TokenUsage.objects.filter(occurred_at__gte=chart_start)
+        .annotate(minute=TruncMinute("occurred_at", tzinfo=tz))
+        .values("minute")
+        .annotate(n=Count("id"))
+    )
+    for item in minute_rows:
+        key = item["minute"].astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+        per_minute[key] = per_minute.get(key, 0) + item["n"]
+    occurred, status = ROW_INDEX["occurred_at"], ROW_INDEX["status"]
+    for row in buffered:
+        if row[occurred] >= day_start:
+            totals["requests"] += 1
+            totals["input_tokens"] += row[ROW_INDEX["input_tokens"]]
+            totals["output_tokens"] += row[ROW_INDEX["output_tokens"]]
+            totals["cost"] += row[ROW_INDEX["cost"]] or 0
+            totals["errors"] += row[status] == "error"
+        if row[occurred] >= chart_start:
+            key = row[occurred].astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+            per_minute[key] = per_minute.get(key, 0) + 1
+    alerts = BudgetAlert.objects.select_related("budget").order_by("-pk")[:LATEST_ALERTS]
+    return {
+        "day": day_start.date().isoformat(),
+        "today": {**totals, "cost": plain(totals["cost"])},
+        "currency": pricing.CURRENCY,
+        "minutes": per_minute,
+        "chart_minutes": CHART_MINUTES,
+        "alerts": [alert_payload(alert) for alert in alerts],
+        **dashboard_state(now=now),
+    }
+
+
+def active_conversations(*, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Conversations with usage in the last day (ledger plus buffer), most recent first, with
+    their totals."""
+    now = now or timezone.now()
+    since = now - ACTIVE_WITHIN
+    buffered = _buffered_rows_not_in_ledger()
+    rows: Any = (
+        TokenUsage.objects.filter(occurred_at__gte=since)
+        .exclude(conversation_id="")
+        .values("conversation_id")
+        .annotate(
+            last_at=Max("occurred_at"),
+            requests=Count("id"),
+            cost=Sum("cost"),
+            teams=Count("team_id", distinct=True),
+        )
+        .order_by("-last_at")[:ACTIVE_CONVERSATIONS]
+    )
+    found: dict[str, dict[str, Any]] = {
+        row["conversation_id"]: {**row, "cost": row["cost"] or Decimal(0), "team_ids": None}
+        for row in rows
+    }
+    i = ROW_INDEX
+    for row in buffered:
+        conversation_id, occurred = row[i["conversation_id"]], row[i["occurred_at"]]
+        if not conversation_id or occurred < since:
+            continue
+        item = found.setdefault(
+            conversation_id,
+            {
+                "conversation_id": conversation_id,
+                "last_at": occurred,
+                "requests": 0,
+                "cost": Decimal(0),
+                "teams": 0,
+                "team_ids": set(),
+            },
+        )
+        item["last_at"] = max(item["last_at"], occurred)
+        item["requests"] += 1
+        item["cost"] += row[i["cost"]] or 0
+        if item["team_ids"] is not None:
+            item["team_ids"].add(row[i["team_id"]])
+            item["teams"] = len(item["team_ids"])
+    ordered = sorted(found.values(), key=lambda c: c["last_at"], reverse=True)
+    return [
+        {
+            "conversation_id": c["conversation_id"],
+            "last_at": c["last_at"],
+            "requests": c["requests"],
+            "cost": pricing.money(c["cost"]),
+            "teams": c["teams"],
+        }
+        for c in ordered[:ACTIVE_CONVERSATIONS]
+    ]

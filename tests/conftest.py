@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,6 +17,8 @@ from rest_framework.test import APIClient
 
 from budgets import alerts as budget_alerts
 from budgets import selectors as budget_selectors
+from reporting import services as live_services
+from reporting.publisher import publisher as live_publisher
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core import unavailable
 from usage import pricing, services
@@ -23,6 +26,13 @@ from usage.auth import key_cache
 from usage.models import ApiKey, TokenUsage
 
 CI = os.environ.get("CI") == "true"
+# Debian's chromium, driven by Playwright (browser tests); TOKENMGR_CHROMIUM to use another.
+CHROMIUM = Path(os.environ.get("TOKENMGR_CHROMIUM", "/usr/bin/chromium"))
+# Where tests leave what a person should look at (screenshots); a test run's artifacts.
+ARTIFACTS = Path(
+    os.environ.get("TOKENMGR_TEST_ARTIFACTS")
+    or Path(__file__).resolve().parents[1] / "var" / "test-artifacts"
+)
 T = TypeVar("T")
 
 
@@ -82,6 +92,25 @@ def run_concurrently(fn: Callable[[], T], times: int) -> list[T]:
     return results
 
 
+@pytest.fixture
+def chromium() -> str:
+    """The browser for Playwright tests. Missing chromium or playwright: skipped, except with
+    CI=true, where that is a failure (CI must look at the pages)."""
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401 - only asks whether it is installed
+    except ImportError:
+        missing.append("python playwright (pip install -r requirements-dev.txt)")
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if missing:
+        message = "the browser test needs " + " and ".join(missing)
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(CHROMIUM)
+
+
 @dataclass
 class Persona:
     name: str
@@ -127,7 +156,7 @@ def admin(db: None, django_user_model: Any) -> Persona:
     user = django_user_model.objects.create_superuser("admin", "admin@example.com", "pw-admin-123")
     client = APIClient()
     client.force_login(user)
-    return Persona("admin", client)
+    return StaffSession("admin", client, user=user)
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +182,13 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
     services.config._config_cache = None
     budget_selectors.invalidate_rules()
     budget_alerts._soon_last.clear()
+    # The live publisher hands its events to a broadcaster in this process (as in the embedded
+    # server), so a test's broadcaster tick takes them, and no thread leaks them into the next.
+    live_publisher.taken_locally = True
+    live_publisher.discard()
+    live_services.local_drops.count = 0
+    live_services.metrics.reset()
+    live_services.clients.counts = {"status": 0, "dashboard": 0}
     yield
     tm_redis.reset()
 

@@ -22,13 +22,12 @@ from django.utils import timezone
 from budgets.models import AgentProfile, AlertChannel, Budget, BudgetAlert, Reservation
 from budgets.overrides import override_request
 from budgets.services import budget_create
-from tests.conftest import CI, Persona, event, settle
+from tests.conftest import Persona, event, settle
 from tokenmgr_project.core.principal import Principal
 from usage import services
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM = Path(os.environ.get("TOKENMGR_CHROMIUM", "/usr/bin/chromium"))
 VIEWPORT = {"width": 1366, "height": 768}
 PASSWORD = "pw-browser-123"
 # Set to a directory to keep a screenshot of every page (to look at them).
@@ -42,23 +41,6 @@ OVERFLOW = """() => {
     results: results ? [results.scrollWidth, results.clientWidth] : null,
   };
 }"""
-
-
-@pytest.fixture
-def chromium() -> str:
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401 - only asks whether it is installed
-    except ImportError:
-        missing.append("python playwright (pip install -r requirements-dev.txt)")
-    if not CHROMIUM.exists():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    if missing:
-        message = "the browser test needs " + " and ".join(missing)
-        if CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(CHROMIUM)
 
 
 def _long(word: str, length: int) -> str:

@@ -310,7 +310,13 @@ def _fast_post_paths(patterns: list[Any], prefix: str = "") -> set[str]:
     return found
 
 
-HOT_ROUTES = ["/api/v1/usage", "/api/v1/usage/batch", "/api/v1/budgets/check", "/api/v1/guard"]
+HOT_ROUTES = [
+    "/api/v1/usage",
+    "/api/v1/usage/batch",
+    "/api/v1/budgets/check",
+    "/api/v1/guard",
+    "/api/v1/status",
+]
 
 
 def test_it_takes_its_routes_from_the_views_marked_fast_post() -> None:
@@ -321,6 +327,7 @@ def test_it_takes_its_routes_from_the_views_marked_fast_post() -> None:
         "/api/v1/usage/batch": "track_usage_batch",
         "/api/v1/budgets/check": "check_budget",
         "/api/v1/guard": "guard",
+        "/api/v1/status": "publish_status",
     }
 
 
@@ -482,12 +489,14 @@ VALID: dict[str, Callable[[str], Any]] = {
     "/api/v1/usage/batch": lambda rid: {"events": [event(rid), event(f"{rid}-b")]},
     "/api/v1/budgets/check": lambda rid: _check_fields(reserve=False, feature=rid),
     "/api/v1/guard": _guard_fields,
+    "/api/v1/status": lambda rid: {"conversation_id": rid, "category": "info", "message": "hi"},
 }
 INVALID: dict[str, Callable[[str], Any]] = {
     "/api/v1/usage": lambda rid: event(rid, input_tokens=-1),
     "/api/v1/usage/batch": lambda rid: {"events": [event(rid), event(f"{rid}-b", model=7)]},
     "/api/v1/budgets/check": lambda rid: _check_fields(feature=rid, max_output_tokens=-1),
     "/api/v1/guard": lambda rid: _guard_fields(rid, max_output_tokens="many"),
+    "/api/v1/status": lambda rid: {"conversation_id": rid, "category": "colour", "message": "x"},
 }
 IDEMPOTENT = {"/api/v1/usage", "/api/v1/usage/batch"}
 

@@ -102,7 +102,18 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
 # Websocket routes: 1 = may join (a scoped key only a conversation with usage in its scope).
 WS_MATRIX: dict[str, tuple[int, ...]] = {
     # route                                        anon rev proj othr team glob s-no s-vw appr supr
-    "^ws/status/(?P<conversation_id>[^/]{1,128})/$": (0,  0,  1,   0,   1,   1,   0,   1,   0,   1),
+    "^ws/status/(?P<conversation_id>.{1,128})/$":    (0,  0,  1,   0,   1,   1,   0,   1,   0,   1),
+    "^ws/dashboard/$":                               (0,  0,  0,   0,   0,   0,   0,   1,   0,   1),
+}
+# The live admin pages (issue 10): 302 = sent to the admin's login (an API key is no session);
+# 403 = a staff session without usage.view_tokenusage.
+#        anon rev  proj other team glob s-no s-vw appr super
+_PAGE = (302, 302, 302, 302, 302, 302, 403, 200, 403, 200)
+PAGE_MATRIX: dict[str, tuple[int, ...]] = {
+    "admin/live/":                                        _PAGE,
+    "admin/live/snapshot.json":                           _PAGE,
+    "admin/live/conversations/":                          _PAGE,
+    "admin/live/conversations/<path:conversation_id>/":   _PAGE,
 }
 # fmt: on
 
@@ -277,8 +288,18 @@ def _rest_endpoints() -> set[tuple[str, str]]:
     return found
 
 
+def _live_pages() -> set[str]:
+    """Every route of the live admin pages (mounted at admin/live/ before the admin)."""
+    found: set[str] = set()
+    for p in get_resolver().url_patterns:
+        if isinstance(p, URLResolver) and str(p.pattern) == "admin/live/":
+            found |= {f"admin/live/{q.pattern}" for q in p.url_patterns}
+    return found
+
+
 def test_it_has_a_row_for_every_endpoint() -> None:
     assert set(MATRIX) == _rest_endpoints()
+    assert set(PAGE_MATRIX) == _live_pages()
     assert set(WS_MATRIX) == {str(p.pattern) for p in websocket_urlpatterns}
     assert all(len(cells) == len(PERSONAS) for cells in [*MATRIX.values(), *WS_MATRIX.values()])
 
@@ -391,6 +412,45 @@ def test_it_lets_only_the_matrixs_callers_join_live_status_and_shows_them_their_
             if (not team or s[0] == team) and (not project or s[1] == project)
         }
         assert set(seen) == expected
+
+
+def _page_cells() -> Iterator[Any]:
+    for route, statuses in PAGE_MATRIX.items():
+        for who, status in zip(PERSONAS, statuses, strict=True):
+            yield pytest.param(route, who, status, id=f"{route} {who}")
+
+
+@pytest.mark.parametrize(("route", "who", "status"), list(_page_cells()))
+def test_it_shows_the_live_pages_only_to_the_matrixs_callers(
+    request: pytest.FixtureRequest, world: World, route: str, who: str, status: int
+) -> None:
+    persona = _persona(request, who)
+    path = "/" + route.replace("<path:conversation_id>", world.conversation_id)
+    response = persona.client.get(path)
+    assert response.status_code == status
+    if status == 302:
+        assert response["Location"].startswith("/admin/login/")
+
+
+@pytest.mark.django_db(transaction=True)  # the consumer reads the database from its own thread
+@pytest.mark.parametrize("who", PERSONAS)
+def test_it_lets_only_the_matrixs_callers_open_the_dashboard_stream(
+    request: pytest.FixtureRequest, who: str
+) -> None:
+    persona = _persona(request, who)
+    may_join = dict(zip(PERSONAS, WS_MATRIX["^ws/dashboard/$"], strict=True))
+    headers = [(b"authorization", f"Bearer {persona.raw_key}".encode())] if persona.raw_key else []
+
+    async def scenario() -> bool:
+        client = WebsocketCommunicator(URLRouter(websocket_urlpatterns), "/ws/dashboard/", headers)
+        if getattr(persona, "user", None) is not None:
+            client.scope["user"] = persona.user  # type: ignore[attr-defined]
+        connected, _code = await client.connect()
+        if connected:
+            await client.disconnect()
+        return bool(connected)
+
+    assert async_to_sync(scenario)() == bool(may_join[who])
 
 
 def _user_of(persona: Persona, who: str) -> Any:

@@ -24,6 +24,7 @@ from django.conf import settings  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from reporting.broadcaster import StatusBroadcaster  # noqa: E402
+from reporting.publisher import publisher  # noqa: E402
 from reporting.routing import websocket_urlpatterns  # noqa: E402
 from tokenmgr_project.core import warmup  # noqa: E402
 from tokenmgr_project.core.hotpath import HotPath  # noqa: E402
@@ -43,6 +44,8 @@ class Lifespan:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 if not settings.REDIS_URL:
+                    # This process's publisher hands its events to the broadcaster directly.
+                    publisher.taken_locally = True
                     task = asyncio.create_task(StatusBroadcaster().run(stop))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

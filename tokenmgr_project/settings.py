@@ -288,6 +288,21 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# --- Live status (SPEC §8): the broadcaster's batching and queue bound, the dashboard stream ---
+# A batch leaves with this many messages, or once its oldest has waited the window.
+TOKENMGR_STATUS_BATCH_SIZE = env_int("TOKENMGR_STATUS_BATCH_SIZE", 50, minimum=1, maximum=10_000)
+TOKENMGR_STATUS_BATCH_WINDOW_MS = env_int(
+    "TOKENMGR_STATUS_BATCH_WINDOW_MS", 100, minimum=1, maximum=60_000
+)
+# Messages waiting for the broadcaster; beyond this the oldest are dropped (and counted).
+TOKENMGR_STATUS_QUEUE_LIMIT = env_int(
+    "TOKENMGR_STATUS_QUEUE_LIMIT", 1000, minimum=10, maximum=1_000_000
+)
+# At most this many coalesced updates per second on the staff dashboard stream.
+TOKENMGR_LIVE_DASHBOARD_RATE = env_float(
+    "TOKENMGR_LIVE_DASHBOARD_RATE", 4.0, minimum=0.1, maximum=50.0
+)
+
 # --- DRF / OpenAPI ---
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -124,6 +124,7 @@ admin.site.site_url = "/api/docs/"
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("favicon.ico", favicon, name="favicon"),
+    path("admin/live/", include("reporting.pages")),  # before the admin's catch-all
     path("admin/", admin.site.urls),
     path("api/v1/", include("usage.urls")),
     path("api/v1/", include("reporting.urls")),

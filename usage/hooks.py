@@ -79,7 +79,10 @@ def accountant() -> Accountant:
     return _accountant
 
 
-# Sent after new usage is stored (buffered or committed): tenant, request_ids (the new ones).
+# Sent after new usage is stored (buffered or committed): tenant, request_ids (the new ones) and
+# rows (their ledger rows, usage.rows layout). Receivers run in the request: they must be quick.
 usage_stored = Signal()
+# Sent after a flush moved buffered usage into the ledger: inserted, dead (lines parked), at.
+usage_flushed = Signal()
 # The buffer reached buffer_size: a flush is wanted now (usage.tasks enqueues one).
 flush_wanted = Signal()

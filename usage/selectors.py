@@ -254,6 +254,22 @@ def usage_dead_letters_summary() -> dict[str, Any]:
     }
 
 
+def buffer_state() -> dict[str, Any]:
+    """The Redis buffer: depth, the last flush and the backlog's age (Redis reachable)."""
+    raw_stats: dict[bytes, bytes] = tm_redis.client().hgetall(buffer.stats_key())  # type: ignore[assignment]
+    stats = {k.decode(): v.decode() for k, v in raw_stats.items()}
+    return {
+        "depth": buffer.depth(),
+        "pending_entries": buffer.pending_entries(),
+        "last_flush_at": stats.get("last_flush_at"),
+        "last_flush_count": int(stats["last_flush_count"]) if "last_flush_count" in stats else None,
+        "last_run_at": stats.get("last_run_at"),
+        "total_flushed": int(stats.get("total_flushed", 0)),
+        # The backlog's age: while the database is down it grows, and it drains after.
+        "oldest_age_seconds": _oldest_buffered_age(),
+    }
+
+
 def health_snapshot() -> dict[str, Any]:
     started = time.perf_counter()
     try:
@@ -291,20 +307,7 @@ def health_snapshot() -> dict[str, Any]:
             # Is acknowledged usage safe in Redis (AOF on)? If not, ingestion writes direct.
             body["redis"]["persistence"] = persistence = tm_redis.persistence_report()
             body["mode"] = "buffered" if persistence["buffered"] else "direct"
-            raw_stats: dict[bytes, bytes] = tm_redis.client().hgetall(buffer.stats_key())  # type: ignore[assignment]
-            stats = {k.decode(): v.decode() for k, v in raw_stats.items()}
-            body["buffer"] = {
-                "depth": buffer.depth(),
-                "pending_entries": buffer.pending_entries(),
-                "last_flush_at": stats.get("last_flush_at"),
-                "last_flush_count": int(stats["last_flush_count"])
-                if "last_flush_count" in stats
-                else None,
-                "last_run_at": stats.get("last_run_at"),
-                "total_flushed": int(stats.get("total_flushed", 0)),
-                # The backlog's age: while the database is down it grows, and it drains after.
-                "oldest_age_seconds": _oldest_buffered_age(),
-            }
+            body["buffer"] = buffer_state()
             body["dead_letters"] = usage_dead_letters_summary()
     if db_ok:
         try:

@@ -250,7 +250,7 @@ def test_it_publishes_alerts_to_the_live_status_feed(platform: Persona) -> None:
     assert (
         message["message"] == "Team search monthly budget at 50 % of 100.00 USD (50.00 USD spent)"
     )
-    assert message["data"]["budget"]["id"] == budget.pk
+    assert message["metadata"]["budget"]["id"] == budget.pk
 
 
 def test_it_emails_alerts(platform: Persona) -> None:

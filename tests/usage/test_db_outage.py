@@ -121,7 +121,7 @@ def test_it_reports_the_database_down_in_health_without_querying_it(platform: Pe
     assert (body["database"]["reachable"], body["database"]["status"]) == (False, "down")
     assert body["status"] == "down"
     assert body["unpriced_requests"] is None
-    assert body["status_messages"] == {"queued": None, "dropped": None}
+    assert body["status_messages"] == {"queued": None, "dropped": None, "connected_clients": None}
 
 
 def test_it_serves_a_known_key_from_its_cache_while_the_database_is_down(

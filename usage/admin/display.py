@@ -4,6 +4,7 @@ fit a 1366 px screen; and forms that check through the services."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -19,6 +20,26 @@ from tokenmgr_project.core.errors import ApiError, FieldErrors
 from usage import pricing
 
 EMPTY = "-"  # the admin's own empty_value_display
+
+# conversation id → the URL of its live feed; set by the app that serves the feeds (reporting
+# registers it in ready()), so the usage admin links to it without importing it.
+_conversation_url: Callable[[str], str] | None = None
+
+
+def register_conversation_url(url_for: Callable[[str], str]) -> None:
+    global _conversation_url
+    _conversation_url = url_for
+
+
+def conversation_link(conversation_id: str) -> SafeString | str:
+    """A conversation id with a link to its live feed (when some app serves feeds)."""
+    if not conversation_id:
+        return EMPTY
+    if _conversation_url is None:
+        return conversation_id
+    return format_html(
+        '{} <a href="{}">live feed</a>', conversation_id, _conversation_url(conversation_id)
+    )
 
 
 def usd(value: Decimal | None) -> str:

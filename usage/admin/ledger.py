@@ -18,7 +18,7 @@ from django.utils.safestring import SafeString
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.errors import ApiError
 from usage import pricing, selectors, services
-from usage.admin.display import clipped, usd, when
+from usage.admin.display import clipped, conversation_link, usd, when
 from usage.models import DeadLetter, TokenUsage
 
 # The admin never counts a large ledger: it counts at most this many matching rows.
@@ -95,7 +95,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
                     "feature",
                     "agent",
                     "task_type",
-                    "conversation_id",
+                    "conversation",
                     "workflow_id",
                     "reservation_id",
                     "metadata",
@@ -117,7 +117,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
             },
         ),
     )
-    readonly_fields = ("cost_total", "cost_input", "cost_output")
+    readonly_fields = ("cost_total", "cost_input", "cost_output", "conversation")
 
     @admin.display(description="occurred", ordering="occurred_at")
     def occurred(self, obj: TokenUsage) -> str:
@@ -141,6 +141,10 @@ class TokenUsageAdmin(admin.ModelAdmin):
         if obj.unpriced:
             return format_html("{}, <strong>unpriced</strong>", obj.status)
         return format_html("{}", obj.status)
+
+    @admin.display(description="conversation id")
+    def conversation(self, obj: TokenUsage) -> SafeString | str:
+        return conversation_link(obj.conversation_id)
 
     @admin.display(description="cost")
     def cost_total(self, obj: TokenUsage) -> str:

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.errors import ApiError
-from usage import buffer
+from usage import buffer, hooks
 from usage.services.config import manager_config
 from usage.services.ledger import usage_lines_insert
 
@@ -148,6 +148,10 @@ def usage_flush(*, consumer: str | None = None, reclaim_idle_ms: int | None = No
             if total_inserted:
                 pipe.hincrby(buffer.stats_key(), "total_flushed", total_inserted)
             pipe.execute()
+    if total_events:
+        hooks.usage_flushed.send(
+            sender=FlushResult, inserted=total_inserted, dead=total_dead, at=stats["last_run_at"]
+        )
     return FlushResult(total_entries, total_events, total_inserted, total_dead)
 
 

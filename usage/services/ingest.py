@@ -146,9 +146,14 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
         except unavailable.DATABASE_ERRORS as exc:
             # The usage is stored; what follows from it (alerts) waits for the beat's sweep.
             unavailable.note(exc, "after-ingestion hook")
-        created = [item.request_id for item, _row in accepted if item.status == "created"]
-        if created:
-            hooks.usage_stored.send(sender=Principal, tenant=tenant, request_ids=created)
+        stored = [(item, row) for item, row in accepted if item.status == "created"]
+        if stored:
+            hooks.usage_stored.send(
+                sender=Principal,
+                tenant=tenant,
+                request_ids=[item.request_id for item, _row in stored],
+                rows=[row for _item, row in stored],
+            )
     return results
 
 
