@@ -88,8 +88,14 @@ class Stack:
     AOF on and `appendfsync everysec`, as tokenmgr requires for the buffer (README): the shared
     Redis on 6379 keeps nothing on disk, and a benchmark must never flush a shared server."""
 
-    def __init__(self, *, redis_db: int | None, extra_env: dict[str, str] | None = None):
-        self.db_name = DB_NAME
+    def __init__(
+        self,
+        *,
+        redis_db: int | None,
+        extra_env: dict[str, str] | None = None,
+        db_name: str = DB_NAME,
+    ):
+        self.db_name = db_name
         self.redis_db = redis_db
         self.tmp = Path(tempfile.mkdtemp(prefix="tokenmgr-bench-"))
         (self.tmp / "data").mkdir()
@@ -190,6 +196,25 @@ class Stack:
         out = self.manage("apikey", "create", "--name", "bench", "--quiet")
         self.key = out.strip().splitlines()[-1]
 
+    def staff_session(self, username: str = "bench-staff") -> str:
+        """A superuser and a logged-in Django session for it (as /admin/login/ would leave
+        behind); returns the Cookie header value, e.g. "sessionid=...", for staff-only pages
+        and the dashboard websocket."""
+        code = (
+            "from importlib import import_module\n"
+            "from django.conf import settings\n"
+            "from django.contrib import auth\n"
+            "user = auth.get_user_model().objects.create_superuser(\n"
+            f"    {username!r}, 'bench@example.invalid', None)\n"
+            "store = import_module(settings.SESSION_ENGINE).SessionStore()\n"
+            "store[auth.SESSION_KEY] = user._meta.pk.value_to_string(user)\n"
+            "store[auth.BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]\n"
+            "store[auth.HASH_SESSION_KEY] = user.get_session_auth_hash()\n"
+            "store.create()\n"
+            "print(f'{settings.SESSION_COOKIE_NAME}={store.session_key}')\n"
+        )
+        return self.python(code).strip().splitlines()[-1]
+
     def manage(self, *args: str) -> str:
         out = subprocess.run(
             [PY, "manage.py", *args],
@@ -284,6 +309,10 @@ class Stack:
                 "--schedule", str(self.tmp / "data" / "celerybeat-schedule"),
             ],
         )  # fmt: skip
+
+    def start_broadcaster(self) -> None:
+        """The live-status broadcaster process (`manage.py broadcast_status`, used with Redis)."""
+        self.start("broadcaster", [PY, "manage.py", "broadcast_status"])
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
@@ -412,6 +441,9 @@ def _read_stat(pid: str) -> tuple[str, int, int] | None:
 # "postgres: 15/main: USER DB HOST(PORT) STATE"; background processes have no user/db/host
 _PG_BACKEND = re.compile(r"^postgres: [^:]+: (\S+) (\S+) (?:[\w.:-]+\(\d+\)|\[local\]) ")
 OTHER_PG = "postgres (other dbs)"
+# Redis servers other than the run's own (e.g. the shared one on 6379, another agent's): not
+# charged to the run once it started its own.
+OTHER_REDIS = "redis (other servers)"
 
 
 def _pg_group(pid: str, bench_db: str) -> str:
@@ -454,10 +486,13 @@ def wait_quiet(max_wait: float, busy_below: float = 0.15, settle: int = 2) -> fl
     return busy
 
 
-def cpu_snapshot(stack: Stack) -> dict[str, float]:
+def cpu_snapshot(stack: Stack, extra_groups: dict[int, str] | None = None) -> dict[str, float]:
     """CPU seconds used so far by the processes this run started (per process group), by the
-    PostgreSQL and Redis servers and by this script; plus the machine's busy and total time."""
+    PostgreSQL and Redis servers and by this script; plus the machine's busy and total time.
+    `extra_groups`: more process groups (id -> name) started outside the stack, e.g. a load
+    generator (still counted while it is an exited but not yet reaped child)."""
     groups = {proc.pid: name for name, proc in stack.procs}
+    groups.update(extra_groups or {})
     out: dict[str, float] = collections.defaultdict(float)
     me = os.getpid()
     for pid in os.listdir("/proc"):
@@ -472,7 +507,7 @@ def cpu_snapshot(stack: Stack) -> dict[str, float]:
         elif comm == "postgres":
             name = _pg_group(pid, stack.db_name)
         elif comm.startswith("redis-server"):
-            name = "redis"
+            name = OTHER_REDIS if "redis" in groups.values() else "redis"
         else:
             continue
         out[name] += ticks / _TICK
@@ -488,7 +523,7 @@ def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -
         f"CPU during the timed phase ({wall:.1f} s wall x {ncpu} cores "
         f"= {wall * ncpu:.1f} CPU-s available):"
     ]
-    names = [k for k in after if not k.startswith("_") and k != OTHER_PG]
+    names = [k for k in after if not k.startswith("_") and k not in {OTHER_PG, OTHER_REDIS}]
     used = {k: after[k] - before.get(k, 0.0) for k in names}
     for name in sorted(names, key=lambda k: -used[k]):
         if used[name] >= 0.05:
@@ -559,8 +594,11 @@ class Profiler:
         return paths
 
 
-def pyspy_summary(path: str, top: int = 18) -> str:
-    """Share of samples per function (line numbers dropped) in a py-spy raw file."""
+def pyspy_summary(
+    path: str, top: int = 18, packages: tuple[str, ...] = ("usage", "budgets", "tokenmgr_project")
+) -> str:
+    """Share of samples per function (line numbers dropped) in a py-spy raw file; "app frames"
+    are those of `packages` (folders of the repository or site-packages)."""
     incl: collections.Counter[str] = collections.Counter()
     self_: collections.Counter[str] = collections.Counter()
     total = 0
@@ -578,11 +616,7 @@ def pyspy_summary(path: str, top: int = 18) -> str:
         self_[frames[-1]] += int(n)
     if not total:
         return f"{path}: no samples"
-    app = [
-        (f, c)
-        for f, c in incl.most_common()
-        if any(f"({pkg}/" in f for pkg in ("usage", "budgets", "tokenmgr_project"))
-    ]
+    app = [(f, c) for f, c in incl.most_common() if any(f"({pkg}/" in f for pkg in packages)]
     lines = [f"{Path(path).name}: {total} samples holding the GIL (100 Hz)", "  app frames:"]
     lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in app[:top]]
     lines.append("  hottest functions (self):")

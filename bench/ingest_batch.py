@@ -6,6 +6,10 @@ PostgreSQL COPY rate measured in the same run.
 
     .venv/bin/python bench/ingest_batch.py                 # Redis buffer + celery worker/beat
     .venv/bin/python bench/ingest_batch.py --mode direct   # no REDIS_URL: rows inserted in-request
+    .venv/bin/python bench/ingest_batch.py --live          # with the staff dashboard stream live
+
+Issue 10's condition on it: still >= 25 % of the same run's raw COPY rate with the dashboard
+stream live (--live).
 
 What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
   1. drops/creates database `tokenmgr_bench`, starts its own Redis (AOF on), migrates, creates
@@ -22,6 +26,11 @@ What it does (127.0.0.1 only; everything it starts is stopped again, also on err
      -> `SELECT count(*) FROM usage_tokenusage` showing all N rows (end to end);
   6. checks every batch answered created == batch size and the ledger holds exactly the N new
      request_ids, with nothing left in the Redis buffer.
+With --live (redis mode only), before step 5 it also starts the live-status broadcaster
+(`manage.py broadcast_status`) and connects 5 dashboard websockets (`ws/dashboard/`, a
+superuser's session cookie) in a process of their own (bench/_live_clients.py), and reports the
+dashboard updates they received while the events went in (per client: how many, how often, the
+longest silence).
 """
 
 from __future__ import annotations
@@ -41,8 +50,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
+from _live_clients import LiveClients, dashboard_summary
 
 TARGET_EVENTS_PER_S = 20_000
+TARGET_COPY_SHARE_LIVE = 0.25  # issue 10: >= 25 % of raw COPY (write_row) with the stream live
+LIVE_DASHBOARDS = 5
 REDIS_DB = 5
 DEPTH_KEY = "tokenmgr:usage:depth"
 STREAM_KEY = "tokenmgr:usage:stream"
@@ -290,11 +302,41 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="uvicorn --workers")
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for rows")
     ap.add_argument("--skip-copy", action="store_true", help="do not measure the raw COPY rate")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to pause before the timed run (e.g. to let the COPY's writes settle)",
+    )
+    ap.add_argument(
+        "--live",
+        action="store_true",
+        help=f"with the broadcaster and {LIVE_DASHBOARDS} dashboard websockets live (issue 10)",
+    )
     h.add_common_args(ap)
     args = ap.parse_args()
     if not 1 <= args.batch <= 1000:
         ap.error("--batch must be 1..1000")
+    if args.live and args.mode != "redis":
+        ap.error("--live needs --mode redis (the broadcaster process runs with Redis)")
     return args
+
+
+def start_live(stack: h.Stack, port: int) -> LiveClients:
+    """The broadcaster and the dashboard websockets; returns once each has had an update."""
+    cookie = stack.staff_session()
+    stack.start_broadcaster()
+    clients = LiveClients(
+        stack, port, key=stack.key, conversations=[], dashboards=LIVE_DASHBOARDS, cookie=cookie
+    )
+    clients.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        if clients.dashboard_frames() >= LIVE_DASHBOARDS:
+            return clients
+        time.sleep(0.1)
+    raise RuntimeError("the dashboard websockets got no update within 30 s")
 
 
 def main() -> int:
@@ -305,6 +347,7 @@ def main() -> int:
     h.log(
         f"mode={args.mode} events={args.events} batch={args.batch} clients={args.clients} "
         f"uvicorn --workers {args.workers} settings={args.settings}"
+        + (f" live: broadcaster + {LIVE_DASHBOARDS} dashboard websockets" if args.live else "")
     )
     r: dict[str, Any] = {}
     env = {"DJANGO_SETTINGS_MODULE": args.settings}
@@ -323,6 +366,9 @@ def main() -> int:
             h.log(f"raw COPY of {args.events} rows")
             r["copy"] = copy_bench(stack, args.events)
 
+        live = start_live(stack, port) if args.live else None
+        if args.settle:
+            time.sleep(args.settle)
         bodies = make_bodies(prefix, args.events, args.batch)
         kib = sum(len(b) for b, _ in bodies) / len(bodies) / 1024
         h.log(f"sending {args.events} events as {len(bodies)} batches ({kib:.0f} KiB each)")
@@ -341,6 +387,7 @@ def main() -> int:
             stack.check_alive()
             t_end = wait_visible(stack, conn, rds, warm + args.events, args.drain_timeout)
             cpu1 = h.cpu_snapshot(stack)
+            t_end_wall = time.time()
             r["profiles"] = profiler.stop()
             r["total"] = ledger_count(conn)
             r["ours"] = ledger_count(conn, prefix)
@@ -348,6 +395,13 @@ def main() -> int:
                 "SELECT count(DISTINCT request_id) FROM usage_tokenusage WHERE request_id LIKE %s",
                 (prefix + "-%",),
             ).fetchone()[0]
+        if live is not None:
+            time.sleep(0.5)  # updates still on their way
+            wall_start = t_end_wall - ((t_end or time.perf_counter()) - sender.t_start)
+            live_results = live.stop()
+            r["live"] = dashboard_summary(live_results, wall_start, t_end_wall)
+            r["live"]["closes"] = sum(len(v) for v in live_results["closes"].values())
+            r["live"]["wall"] = t_end_wall - wall_start
         r["buffer_left"] = int(rds.get(DEPTH_KEY) or 0) if rds is not None else 0
         r["pending"] = int(rds.xpending(STREAM_KEY, "flushers")["pending"]) if rds else 0
 
@@ -414,6 +468,20 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
         print(
             f"end to end / raw COPY   {e2e_rate / wr:>12.1%}  (write_row) {e2e_rate / tx:.1%} text"
         )
+    if "live" in r:
+        print(
+            f"live         broadcaster + {LIVE_DASHBOARDS} dashboard websockets during the "
+            f"{r['live']['wall']:.1f} s timed run:"
+        )
+        if r["live"]["closes"]:
+            print(f"  ! dashboard sockets dropped by the server: {r['live']['closes']}")
+        for c in r["live"]["clients"]:
+            print(
+                f"  {c['name']}: {c['n']} updates = {c['rate']:.2f}/s, gaps min "
+                f"{c['min_gap']:.3f} max {c['max_gap']:.3f} s, longest silence "
+                f"{c['longest_silence']:.2f} s; {c['with_usage']} with usage "
+                f"({c['usage_requests']:,} requests), {c['with_state']} with state"
+            )
     print(
         f"responses    created={sender.created:,} duplicates={sender.duplicates} "
         f"rejected={sender.rejected} HTTP statuses={sender.statuses}"
@@ -433,6 +501,15 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
     print(f"integrity: {'OK (no event lost or duplicated)' if ok else 'FAILED'}")
     verdict = "PASS" if ok and e2e_rate >= TARGET_EVENTS_PER_S else "FAIL"
     print(f"target: >= {TARGET_EVENTS_PER_S} events/s  -> {verdict} ({e2e_rate:,.0f} events/s)")
+    if "live" in r and "copy" in r:
+        share = e2e_rate / (n / r["copy"]["write_row_s"])
+        streamed = all(c["n"] > 0 for c in r["live"]["clients"])
+        verdict = "PASS" if ok and streamed and share >= TARGET_COPY_SHARE_LIVE else "FAIL"
+        print(
+            f"target (issue 10): >= {TARGET_COPY_SHARE_LIVE:.0%} of raw COPY with the dashboard "
+            f"stream live -> {verdict} ({share:.1%}; updates received by every client: "
+            f"{'yes' if streamed else 'no'})"
+        )
     print(rule)
     return 0 if ok else 1
 

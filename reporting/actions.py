@@ -9,7 +9,8 @@ from pydantic import Field
 
 from reporting import services
 from reporting.models import StatusCategory
-from reporting.selectors import conversation_visible_to
+from reporting.selectors import conversation_recently_visible, conversation_visible_to
+from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.actions import Outcome, action, validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
@@ -35,29 +36,31 @@ class StatusIn(Strict):
     project_id: Dim = ""
 
 
-def _size_errors(params: StatusIn) -> dict[str, list[str]]:
+MAX_STATUS_BATCH = 500
+
+
+class StatusBatchIn(Strict):
+    messages: Annotated[list[StatusIn], Field(min_length=1, max_length=MAX_STATUS_BATCH)]
+
+
+def _size_errors(params: StatusIn, prefix: str = "") -> dict[str, list[str]]:
     errors: dict[str, list[str]] = {}
     if len(params.message.encode()) > services.MESSAGE_MAX_BYTES:
-        errors["message"] = [f"At most {services.MESSAGE_MAX_BYTES} bytes (UTF-8)."]
+        errors[prefix + "message"] = [f"At most {services.MESSAGE_MAX_BYTES} bytes (UTF-8)."]
     if not params.message.strip():
-        errors["message"] = ["Must not be blank."]
+        errors[prefix + "message"] = ["Must not be blank."]
     if params.data is not None and params.metadata:
-        errors["data"] = ["Send `metadata` only (`data` is its old name)."]
+        errors[prefix + "data"] = ["Send `metadata` only (`data` is its old name)."]
     metadata = params.metadata or params.data or {}
     if len(json.dumps(metadata, separators=(",", ":"))) > services.METADATA_MAX_BYTES:
-        errors["metadata"] = [f"At most {services.METADATA_MAX_BYTES} bytes as JSON."]
+        errors[prefix + "metadata"] = [f"At most {services.METADATA_MAX_BYTES} bytes as JSON."]
     return errors
 
 
-@action(
-    "publish_status",
-    "Publish a status message to a conversation's live channel.",
-    # Publishing onto a feed is allowed to those who may watch it (the websocket's rule).
-    staff_perm=VIEW_USAGE,
-)
-def publish_status(principal: Principal, data: Any) -> Outcome:
-    params = validate(StatusIn, data)
-    errors = _size_errors(params)
+def _queued_form(principal: Principal, params: StatusIn, prefix: str = "") -> dict[str, Any]:
+    """The queued form of a valid status inside the caller's scope (its conversation is
+    checked by the caller); the same 400/403 as the API documents."""
+    errors = _size_errors(params, prefix)
     if errors:
         raise ApiError("Invalid status.", fields=errors)
     team_id = params.team_id or principal.team_id
@@ -68,16 +71,9 @@ def publish_status(principal: Principal, data: Any) -> Outcome:
             "Not your scope.",
             status_code=403,
             code="permission_denied",
-            fields={field: ["This key may only publish inside its own team/project."]},
+            fields={prefix + field: ["This key may only publish inside its own team/project."]},
         )
-    if not conversation_visible_to(principal, params.conversation_id):
-        raise ApiError(
-            "Not your conversation.",
-            status_code=403,
-            code="permission_denied",
-            fields={"conversation_id": ["This key has no usage in that conversation."]},
-        )
-    services.status_publish(
+    return services.status_message(
         conversation_id=params.conversation_id,
         category=params.category.value,
         message=params.message,
@@ -87,4 +83,109 @@ def publish_status(principal: Principal, data: Any) -> Outcome:
         team_id=team_id,
         project_id=project_id,
     )
-    return Outcome({"queued": True}, status=202)
+
+
+def _one(principal: Principal, data: Any) -> list[dict[str, Any]]:
+    return [_queued_form(principal, validate(StatusIn, data))]
+
+
+def _many(principal: Principal, data: Any) -> list[dict[str, Any]]:
+    """All of a batch, or a 400/403 naming the first bad message's fields (nothing queued)."""
+    params = validate(StatusBatchIn, data)
+    return [
+        _queued_form(principal, item, f"messages.{i}.") for i, item in enumerate(params.messages)
+    ]
+
+
+def _conversation_refused(
+    principal: Principal, messages: list[dict[str, Any]], *, batch: bool
+) -> ApiError | None:
+    for i, conversation_id in _distinct_conversations(messages):
+        if not conversation_visible_to(principal, conversation_id):
+            field = f"messages.{i}.conversation_id" if batch else "conversation_id"
+            return ApiError(
+                "Not your conversation.",
+                status_code=403,
+                code="permission_denied",
+                fields={field: ["This key has no usage in that conversation."]},
+            )
+    return None
+
+
+def _distinct_conversations(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    seen: dict[str, int] = {}
+    for i, message in enumerate(messages):
+        seen.setdefault(message["conversation_id"], i)
+    return [(i, c) for c, i in seen.items()]
+
+
+def _inline(messages: list[dict[str, Any]], principal: Principal) -> bool:
+    """Straight onto the Redis queue from the event loop, when nothing needs the database:
+    Redis is the queue, and each conversation is a global key's or one this scoped key was
+    admitted to lately. False: the thread path decides."""
+    if not all(
+        conversation_recently_visible(principal, c) for _i, c in _distinct_conversations(messages)
+    ):
+        return False
+    try:
+        services.status_push_redis(messages)
+    except tm_redis.REDIS_ERRORS:
+        return False  # the thread path queues them in the database
+    return True
+
+
+def _redis_queue() -> bool:
+    return tm_redis.configured() and tm_redis.available()
+
+
+def publish_status_cached(principal: Principal, data: Any) -> Outcome | None:
+    """The event-loop first phase (core.hotpath) of publish_status."""
+    if not _redis_queue():
+        return None
+    return _QUEUED if _inline(_one(principal, data), principal) else None
+
+
+def publish_status_batch_cached(principal: Principal, data: Any) -> Outcome | None:
+    """The event-loop first phase (core.hotpath) of publish_status_batch."""
+    if not _redis_queue():
+        return None
+    messages = _many(principal, data)
+    return _batch_queued(messages) if _inline(messages, principal) else None
+
+
+_QUEUED = Outcome({"queued": True}, status=202)
+
+
+def _batch_queued(messages: list[dict[str, Any]]) -> Outcome:
+    return Outcome({"queued": len(messages)}, status=202)
+
+
+@action(
+    "publish_status",
+    "Publish a status message to a conversation's live channel.",
+    # Publishing onto a feed is allowed to those who may watch it (the websocket's rule).
+    staff_perm=VIEW_USAGE,
+    inline=publish_status_cached,
+)
+def publish_status(principal: Principal, data: Any) -> Outcome:
+    messages = _one(principal, data)
+    refused = _conversation_refused(principal, messages, batch=False)
+    if refused is not None:
+        raise refused
+    services.status_push_many(messages)
+    return _QUEUED
+
+
+@action(
+    "publish_status_batch",
+    f"Publish up to {MAX_STATUS_BATCH} status messages at once (all or none).",
+    staff_perm=VIEW_USAGE,
+    inline=publish_status_batch_cached,
+)
+def publish_status_batch(principal: Principal, data: Any) -> Outcome:
+    messages = _many(principal, data)
+    refused = _conversation_refused(principal, messages, batch=True)
+    if refused is not None:
+        raise refused
+    services.status_push_many(messages)
+    return _batch_queued(messages)

@@ -168,22 +168,30 @@ def usage_payloads(rows: Sequence[Row]) -> list[dict[str, Any]]:
     add to its figures) and one `usage` message per conversation and scope that had any."""
     if not rows:
         return []
-    days: dict[str, list[Any]] = {}
-    minutes: dict[str, int] = {}
+    # Summed per minute first (an integer per row), named and rolled up into days after: a
+    # time-zone conversion and two strftime per row cost ~5 µs, a thousand-row batch 5 ms.
+    by_minute: dict[int, list[Any]] = {}
     conversations: dict[tuple[str, str, str], list[Row]] = {}
     for row in rows:
-        occurred = row[_OCCURRED]
-        day = days.setdefault(_day(occurred), [0, 0, 0, Decimal(0), 0])
-        day[0] += 1
-        day[1] += row[_IN]
-        day[2] += row[_OUT]
-        day[3] += row[_COST] or 0
-        day[4] += row[_STATUS] == "error"
-        minute = _minute(occurred)
-        minutes[minute] = minutes.get(minute, 0) + 1
+        bucket = int(row[_OCCURRED].timestamp()) // 60
+        sums = by_minute.get(bucket)
+        if sums is None:
+            sums = by_minute[bucket] = [0, 0, 0, Decimal(0), 0, row[_OCCURRED]]
+        sums[0] += 1
+        sums[1] += row[_IN]
+        sums[2] += row[_OUT]
+        sums[3] += row[_COST] or 0
+        sums[4] += row[_STATUS] == "error"
         if row[_CONVERSATION]:
             key = (row[_TEAM], row[_PROJECT], row[_CONVERSATION])
             conversations.setdefault(key, []).append(row)
+    days: dict[str, list[Any]] = {}
+    minutes: dict[str, int] = {}
+    for sums in by_minute.values():
+        minutes[_minute(sums[5])] = sums[0]
+        day = days.setdefault(_day(sums[5]), [0, 0, 0, Decimal(0), 0])
+        for i in range(5):
+            day[i] += sums[i]
     out: list[dict[str, Any]] = [
         {
             "stream": services.DASHBOARD,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Max, Sum
 from django.db.models.functions import TruncMinute
 from django.urls import reverse
 from django.utils import timezone
@@ -17,11 +19,11 @@ from budgets.models import Budget, BudgetAlert, BudgetOverride
 from budgets.selectors import budget_status, plain
 from reporting import services
 from tokenmgr_project.core import redis as tm_redis
-from tokenmgr_project.core.principal import Principal
+from tokenmgr_project.core.principal import GLOBAL, Principal
 from usage import pricing
 from usage.models import TokenUsage
 from usage.rows import ROW_INDEX
-from usage.selectors import buffer_state, usage_for_principal
+from usage.selectors import buffer_state, usage_for_principal, usage_summary
 
 BUDGET_BARS = 12  # budgets shown on the dashboard: hard ones near their limit first
 BUDGETS_CONSIDERED = 500  # active budgets whose utilisation is read to pick those
@@ -29,6 +31,39 @@ LATEST_ALERTS = 10
 CHART_MINUTES = 60
 ACTIVE_CONVERSATIONS = 50
 ACTIVE_WITHIN = timedelta(hours=24)
+# The pages are staff-only (pages.py checks the permission): they read what the organisation has.
+_ORGANISATION = Principal(scope=GLOBAL, is_staff=True)
+
+
+class _SeenConversations:
+    """Conversations a scoped principal was admitted to in the last TTL seconds (usage in a
+    scope is not taken back, short of retention), so a stream of status messages into one
+    conversation asks the database once a minute, not once a message. Per process; bounded."""
+
+    TTL = 60.0
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[tuple[str, str, str], float] = {}
+
+    def add(self, principal: Principal, conversation_id: str) -> None:
+        with self._lock:
+            if len(self._until) >= self.LIMIT:
+                self._until.clear()
+            key = (principal.team_id, principal.project_id, conversation_id)
+            self._until[key] = time.monotonic() + self.TTL
+
+    def seen(self, principal: Principal, conversation_id: str) -> bool:
+        until = self._until.get((principal.team_id, principal.project_id, conversation_id))
+        return until is not None and until > time.monotonic()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._until.clear()
+
+
+seen_conversations = _SeenConversations()
 
 
 def conversation_visible_to(principal: Principal, conversation_id: str) -> bool:
@@ -36,7 +71,15 @@ def conversation_visible_to(principal: Principal, conversation_id: str) -> bool:
     keys and staff see every conversation, a scoped key those with usage inside its scope."""
     if principal.is_global:
         return True
-    return usage_for_principal(principal).filter(conversation_id=conversation_id).exists()
+    if usage_for_principal(principal).filter(conversation_id=conversation_id).exists():
+        seen_conversations.add(principal, conversation_id)
+        return True
+    return False
+
+
+def conversation_recently_visible(principal: Principal, conversation_id: str) -> bool:
+    """conversation_visible_to without the database: False means "ask it"."""
+    return principal.is_global or seen_conversations.seen(principal, conversation_id)
 
 
 # --- the live dashboard (staff) ------------------------------------------------------------------
@@ -126,19 +169,16 @@ def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
     chart_start = (now - timedelta(minutes=CHART_MINUTES - 1)).replace(second=0, microsecond=0)
     # The buffer first: a row flushed in between is then in the ledger's answer, not lost.
     buffered = _buffered_rows_not_in_ledger()
-    today = TokenUsage.objects.filter(occurred_at__gte=day_start).aggregate(
-        requests=Count("id"),
-        input_tokens=Sum("input_tokens"),
-        output_tokens=Sum("output_tokens"),
-        cost=Sum("cost"),
-        errors=Count("id", filter=Q(status=TokenUsage.Status.ERROR)),
-    )
+    # The ledger's part as GET /usage/summary answers it (the organisation's view).
+    [today] = usage_summary(principal=_ORGANISATION, params={"since": day_start.isoformat()})[
+        "rows"
+    ]
     totals: dict[str, Any] = {
-        "requests": today["requests"] or 0,
-        "input_tokens": today["input_tokens"] or 0,
-        "output_tokens": today["output_tokens"] or 0,
-        "cost": today["cost"] or Decimal(0),
-        "errors": today["errors"] or 0,
+        "requests": today["requests"],
+        "input_tokens": today["input_tokens"],
+        "output_tokens": today["output_tokens"],
+        "cost": Decimal(today["cost"]),
+        "errors": today["errors"],
     }
     per_minute: dict[str, int] = {}
     minute_rows = (

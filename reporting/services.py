@@ -300,24 +300,29 @@ def status_push_many(payloads: list[dict[str, Any]], *, dropped_before: int = 0)
         return
     if tm_redis.available():
         try:
-            by_stream: dict[str, list[str]] = {STATUS: [], DASHBOARD: []}
-            for payload in payloads:
-                by_stream[payload.get("stream", STATUS)].append(json.dumps(payload))
-            for stream, lines in by_stream.items():
-                extra = dropped_before if stream == STATUS else 0
-                for start in range(0, max(len(lines), 1 if extra else 0), _PUSH_CHUNK):
-                    tm_redis.run_script(
-                        _PUSH,
-                        [queue_key(stream), dropped_key()],
-                        [queue_limit(), extra, *lines[start : start + _PUSH_CHUNK]],
-                    )
-                    extra = 0
+            status_push_redis(payloads, dropped_before=dropped_before)
             return
         except tm_redis.REDIS_ERRORS:
             logger.warning("Redis unreachable; status messages queued in the database")
             tm_redis.trip()
     local_drops.add(dropped_before)
     QueuedStatus.objects.bulk_create([QueuedStatus(payload=payload) for payload in payloads])
+
+
+def status_push_redis(payloads: list[dict[str, Any]], *, dropped_before: int = 0) -> None:
+    """The Redis half of status_push_many: raises the Redis error instead of falling back."""
+    by_stream: dict[str, list[str]] = {STATUS: [], DASHBOARD: []}
+    for payload in payloads:
+        by_stream[payload.get("stream", STATUS)].append(json.dumps(payload))
+    for stream, lines in by_stream.items():
+        extra = dropped_before if stream == STATUS else 0
+        for start in range(0, max(len(lines), 1 if extra else 0), _PUSH_CHUNK):
+            tm_redis.run_script(
+                _PUSH,
+                [queue_key(stream), dropped_key()],
+                [queue_limit(), extra, *lines[start : start + _PUSH_CHUNK]],
+            )
+            extra = 0
 
 
 def status_take(limit: int, *, include_fallback: bool = True) -> list[dict[str, Any]]:

@@ -4,4 +4,5 @@ from reporting import apis
 
 urlpatterns = [
     path("status", apis.StatusApi.as_view(), name="status"),
+    path("status/batch", apis.StatusBatchApi.as_view(), name="status-batch"),
 ]

@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 
 from budgets import alerts as budget_alerts
 from budgets import selectors as budget_selectors
+from reporting import selectors as live_selectors
 from reporting import services as live_services
 from reporting.publisher import publisher as live_publisher
 from tokenmgr_project.core import redis as tm_redis
@@ -186,6 +187,7 @@ def _isolated_state(request: pytest.FixtureRequest) -> Iterator[None]:
     # server), so a test's broadcaster tick takes them, and no thread leaks them into the next.
     live_publisher.taken_locally = True
     live_publisher.discard()
+    live_selectors.seen_conversations.clear()
     live_services.local_drops.count = 0
     live_services.metrics.reset()
     live_services.clients.counts = {"status": 0, "dashboard": 0}

@@ -316,6 +316,7 @@ HOT_ROUTES = [
     "/api/v1/budgets/check",
     "/api/v1/guard",
     "/api/v1/status",
+    "/api/v1/status/batch",
 ]
 
 
@@ -328,6 +329,7 @@ def test_it_takes_its_routes_from_the_views_marked_fast_post() -> None:
         "/api/v1/budgets/check": "check_budget",
         "/api/v1/guard": "guard",
         "/api/v1/status": "publish_status",
+        "/api/v1/status/batch": "publish_status_batch",
     }
 
 
@@ -490,6 +492,9 @@ VALID: dict[str, Callable[[str], Any]] = {
     "/api/v1/budgets/check": lambda rid: _check_fields(reserve=False, feature=rid),
     "/api/v1/guard": _guard_fields,
     "/api/v1/status": lambda rid: {"conversation_id": rid, "category": "info", "message": "hi"},
+    "/api/v1/status/batch": lambda rid: {
+        "messages": [{"conversation_id": rid, "category": "info", "message": "hi"}] * 2
+    },
 }
 INVALID: dict[str, Callable[[str], Any]] = {
     "/api/v1/usage": lambda rid: event(rid, input_tokens=-1),
@@ -497,6 +502,9 @@ INVALID: dict[str, Callable[[str], Any]] = {
     "/api/v1/budgets/check": lambda rid: _check_fields(feature=rid, max_output_tokens=-1),
     "/api/v1/guard": lambda rid: _guard_fields(rid, max_output_tokens="many"),
     "/api/v1/status": lambda rid: {"conversation_id": rid, "category": "colour", "message": "x"},
+    "/api/v1/status/batch": lambda rid: {
+        "messages": [{"conversation_id": rid, "category": "info", "message": "x"}, {"x": 1}]
+    },
 }
 IDEMPOTENT = {"/api/v1/usage", "/api/v1/usage/batch"}
 

@@ -67,6 +67,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "pricing/compare"):               (401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("POST", "signals"):                       (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     ("POST", "status"):                        (401, 401, 202, 403, 202, 202, 403, 202, 403, 202),
+    ("POST", "status/batch"):                  (401, 401, 202, 403, 202, 202, 403, 202, 403, 202),
     ("GET", "budgets"):                        (401, 401, 200, 200, 200, 200, 403, 200, 200, 200),
     ("POST", "budgets"):                       (401, 401, 201, 201, 201, 201, 403, 403, 403, 201),
     ("POST", "budgets/check"):                 (401, 401, 200, 200, 200, 200, 403, 200, 200, 200),
@@ -225,6 +226,12 @@ BODIES: dict[tuple[str, str], Callable[[World, str], Any]] = {
         "conversation_id": w.conversation_id,
         "category": "info",
         "message": "hi",
+    },
+    ("POST", "status/batch"): lambda w, who: {
+        "messages": [
+            {"conversation_id": w.conversation_id, "category": "info", "message": "hi"},
+            {"conversation_id": w.conversation_id, "category": "tool", "message": "there"},
+        ]
     },
     ("POST", "budgets"): lambda w, who: {
         "name": f"{who}'s",

@@ -166,3 +166,85 @@ def test_a_status_at_the_limits_is_accepted_whole(platform: Persona) -> None:
     assert queued["message"] == body["message"]
     assert queued["metadata"] == body["metadata"]
     assert (queued["agent_id"], queued["correlation_id"]) == ("planner", "corr-1")
+
+
+def test_a_scoped_keys_messages_into_its_conversation_skip_the_database_after_the_first(
+    member: Persona, django_assert_num_queries: Any
+) -> None:
+    from django.conf import settings
+
+    from tokenmgr_project.core import actions
+    from usage.auth import principal_for_key
+
+    member.client.post("/api/v1/usage", event("s-1", conversation_id="mine"), format="json")
+    settle()
+    assert member.key is not None
+    principal = principal_for_key(member.key)
+    body = {**_OK, "conversation_id": "mine"}
+    # Not admitted lately: the event loop leaves it to the thread path, which asks the ledger.
+    assert actions.run_inline("publish_status", principal, body) is None
+    assert actions.run("publish_status", principal, body).status == 202
+    with django_assert_num_queries(0):
+        again = actions.run_inline("publish_status", principal, body)
+    if settings.REDIS_URL:
+        assert again is not None
+        assert again.status == 202
+        assert [m["conversation_id"] for m in services.status_take(10)] == ["mine", "mine"]
+    else:  # the embedded queue is a table: always the thread path
+        assert again is None
+    other = {**_OK, "conversation_id": "theirs"}
+    assert actions.run_inline("publish_status", principal, other) is None
+
+
+# --- POST /status/batch ---------------------------------------------------------------------------
+
+
+def _batch(*messages: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{**_OK, **m} for m in messages]}
+
+
+def test_a_batch_of_statuses_is_queued_whole_and_in_order(platform: Persona) -> None:
+    body = _batch(*({"message": f"m{i}", "category": "tool"} for i in range(300)))
+    response = platform.client.post("/api/v1/status/batch", body, format="json")
+    assert response.status_code == 202
+    assert response.json() == {"queued": 300}
+    assert [m["message"] for m in services.status_take(500)] == [f"m{i}" for i in range(300)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_batch({}, {"category": "colour"}), "messages.1.category"),
+        (_batch({}, {"message": "x" * 4097}), "messages.1.message"),
+        (_batch({}, {}, {"metadata": [1]}), "messages.2.metadata"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        (_batch(*({} for _ in range(501))), "messages"),
+        ({"messages": [_OK], "extra": 1}, "extra"),
+    ],
+)
+def test_a_batch_with_one_bad_status_queues_none_of_it(
+    platform: Persona, body: dict[str, Any], field: str
+) -> None:
+    response = platform.client.post("/api/v1/status/batch", body, format="json")
+    assert response.status_code == 400, response.content
+    assert field in response.json()["error"]["fields"]
+    assert services.status_take(1000) == []
+
+
+def test_a_scoped_keys_batch_into_a_conversation_it_never_used_is_refused_whole(
+    member: Persona,
+) -> None:
+    member.client.post("/api/v1/usage", event("b-1", conversation_id="mine"), format="json")
+    settle()
+    body = _batch({"conversation_id": "mine"}, {"conversation_id": "theirs"})
+    response = member.client.post("/api/v1/status/batch", body, format="json")
+    assert response.status_code == 403
+    assert "messages.1.conversation_id" in response.json()["error"]["fields"]
+    assert services.status_take(10) == []
+    ok = member.client.post(
+        "/api/v1/status/batch", _batch({"conversation_id": "mine"}), format="json"
+    )
+    assert ok.status_code == 202
+    [queued] = services.status_take(10)
+    assert (queued["team_id"], queued["project_id"]) == ("search", "ranker")
