@@ -37,8 +37,9 @@ What it does (127.0.0.1 only; everything it starts is stopped again, also on err
      latency percentiles (and where it goes: HTTP + queueing, the broadcaster's batching,
      channel layer + websocket), drops (/health `dropped` delta, and messages acknowledged
      with a 202 but never received: what got lost without being counted; requests wrk wrote
-     but had no answer to when it stopped were never acknowledged), batches per second, dashboard updates per client per
-     second, the websockets the server dropped, and the CPU of every process.
+     but had no answer to when it stopped were never acknowledged), batches per second,
+     dashboard updates per client per second, the websockets the server dropped, and the CPU
+     of every process.
 With --timed-broadcaster the broadcaster runs with timers around each step of its tick
 (bench/_broadcaster_timed.py); --profile DIR py-spy records the broadcaster and uvicorn.
 """

@@ -176,6 +176,20 @@ def test_the_live_pages_update_without_a_reload_and_come_back_after_a_server_res
             assert "t-2" not in _messages(feed)
             assert _messages(feed)[0] == "p-2"  # newest on top
             assert feed.evaluate("window.__notReloaded") is True
+
+            # Paused: what arrives is counted, not shown; on resume it is shown, newest on top.
+            feed.click("#tm-pause")
+            _status(up, key, conversation, "progress", "while paused 1")
+            _status(up, key, conversation, "progress", "while paused 2")
+            _eventually(
+                lambda: (feed.text_content("#tm-paused") or "").startswith("2 new"),
+                "the paused count",
+            )
+            assert "while paused 1" not in _messages(feed)
+            _shot(feed, "feed-paused")
+            feed.click("#tm-pause")
+            assert _messages(feed)[:2] == ["while paused 2", "while paused 1"]
+            assert feed.is_hidden("#tm-paused")
             _shot(feed, "feed")
 
             # The server dies; the supervisor starts it again; both pages reconnect by themselves.
