@@ -108,16 +108,7 @@ class DashboardStream:
         self.dirty = True
         if item.get("kind") == "usage":
             for day, delta in item.get("days", {}).items():
-                into = self.days.setdefault(
-                    day,
-                    {
-                        "requests": 0,
-                        "input_tokens": 0,
-                        "output_tokens": 0,
-                        "cost": "0",
-                        "errors": 0,
-                    },
-                )
+                into = self.days.setdefault(day, {**_ZERO_DAY})
                 for name in ("requests", "input_tokens", "output_tokens", "errors"):
                     into[name] += int(delta.get(name, 0))
                 into["cost"] = str(Decimal(into["cost"]) + Decimal(delta.get("cost", "0")))

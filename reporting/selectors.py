@@ -18,6 +18,7 @@ from budgets.deliveries import alert_payload
 from budgets.models import Budget, BudgetAlert, BudgetOverride
 from budgets.selectors import budget_status, plain
 from reporting import services
+from reporting.publisher import usage_figures
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.principal import GLOBAL, Principal
 from usage import pricing
@@ -190,17 +191,18 @@ def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
     for item in minute_rows:
         key = item["minute"].astimezone(tz).strftime("%Y-%m-%dT%H:%M")
         per_minute[key] = per_minute.get(key, 0) + item["n"]
-    occurred, status = ROW_INDEX["occurred_at"], ROW_INDEX["status"]
-    for row in buffered:
-        if row[occurred] >= day_start:
-            totals["requests"] += 1
-            totals["input_tokens"] += row[ROW_INDEX["input_tokens"]]
-            totals["output_tokens"] += row[ROW_INDEX["output_tokens"]]
-            totals["cost"] += row[ROW_INDEX["cost"]] or 0
-            totals["errors"] += row[status] == "error"
-        if row[occurred] >= chart_start:
-            key = row[occurred].astimezone(tz).strftime("%Y-%m-%dT%H:%M")
-            per_minute[key] = per_minute.get(key, 0) + 1
+    # The buffer's rows, summed as the stream sums new ones. Keys are local ISO dates and
+    # minutes, so "on or after" is a string comparison.
+    buffered_days, buffered_minutes = usage_figures(buffered)
+    today_key = day_start.date().isoformat()
+    chart_key = chart_start.astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+    for day, sums in buffered_days.items():
+        if day >= today_key:
+            for name in totals:
+                totals[name] += sums[name]
+    for minute, n in buffered_minutes.items():
+        if minute >= chart_key:
+            per_minute[minute] = per_minute.get(minute, 0) + n
     alerts = BudgetAlert.objects.select_related("budget").order_by("-pk")[:LATEST_ALERTS]
     return {
         "day": day_start.date().isoformat(),

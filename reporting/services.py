@@ -99,7 +99,8 @@ class BroadcastMetrics:
     in the server process that also answers /health; with Redis the broadcaster process adds
     them to a Redis hash after each tick (see `metrics_flush`)."""
 
-    FIELDS = ("processed", "dropped", "batches_sent", "broadcasts", "dashboard_updates")
+    # Drops are counted where they happen (the queue's script, local_drops), not here.
+    FIELDS = ("processed", "batches_sent", "broadcasts", "dashboard_updates")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -379,7 +380,7 @@ def status_queue_stats() -> dict[str, Any]:
     body: dict[str, Any] = {
         "queued": in_database,
         "dropped": local_drops.count,
-        **{name: metrics.totals[name] for name in BroadcastMetrics.FIELDS if name != "dropped"},
+        **{name: metrics.totals[name] for name in BroadcastMetrics.FIELDS},
         "broadcaster_seen_at": metrics.seen_at,
         "connected_clients": clients.total(),
         "batch_size": batch_size(),
@@ -404,7 +405,7 @@ def status_queue_stats() -> dict[str, Any]:
         queued=int(depth) + int(dashboard_depth) + in_database,
         dropped=int(dropped or 0),
         broadcaster_seen_at=shared.get("seen_at"),
-        **{name: int(shared.get(name, 0)) for name in BroadcastMetrics.FIELDS if name != "dropped"},
+        **{name: int(shared.get(name, 0)) for name in BroadcastMetrics.FIELDS},
     )
     return body
 
