@@ -31,6 +31,7 @@ from reporting.services import status_publish
 from tests.conftest import Persona, event, settle
 from usage import services
 from usage.auth import principal_for_key
+from usage.models import TokenUsage
 
 pytestmark = pytest.mark.django_db
 
@@ -96,6 +97,16 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
                                                (401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
     ("POST", "overrides/<int:override_id>/reject"):
                                                (401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    # Provenance (issue 11): reads are scoped like usage (another project's request is a 404);
+    # relating requests needs the add permission, and both ends in the caller's scope.
+    ("POST", "relationships"):                 (401, 401, 201, 404, 201, 201, 403, 403, 403, 201),
+    ("GET", "provenance/<str:request_id>"):    (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
+    ("GET", "lineage/<str:request_id>"):       (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
+    ("GET", "workflows/<str:workflow_id>/usage"):
+                                               (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
+    ("GET", "analysis/task-costs"):            (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    ("GET", "analysis/patterns"):              (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    ("GET", "analysis/questions"):             (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     # The schema and docs are public; a presented key is still authenticated, and a dead one fails.
     ("GET", "api/schema/"):                    (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("GET", "api/docs/"):                      (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
@@ -115,6 +126,10 @@ PAGE_MATRIX: dict[str, tuple[int, ...]] = {
     "admin/live/snapshot.json":                           _PAGE,
     "admin/live/conversations/":                          _PAGE,
     "admin/live/conversations/<path:conversation_id>/":   _PAGE,
+    # The provenance pages (issue 11): a usage row's lineage, the workflows.
+    "admin/provenance/lineage/<int:pk>/":                 _PAGE,
+    "admin/provenance/workflows/":                        _PAGE,
+    "admin/provenance/workflows/<path:workflow_id>/":     _PAGE,
 }
 # fmt: on
 
@@ -150,6 +165,10 @@ def world(member: Persona, outsider: Persona) -> World:
     assert outsider.key is not None
     as_member, as_outsider = principal_for_key(member.key), principal_for_key(outsider.key)
     services.usage_ingest(principal=as_member, events=[event("m-1", conversation_id="conv-ranker")])
+    services.usage_ingest(
+        principal=as_member,
+        events=[event("m-2", workflow_id="wf-ranker", provenance={"parent_request_id": "m-1"})],
+    )
     services.usage_ingest(principal=as_outsider, events=[event("o-1", conversation_id="conv-ads")])
     settle()
     budget = budget_create(
@@ -201,10 +220,12 @@ def _persona(request: pytest.FixtureRequest, name: str) -> Persona:
 # --- what each cell sends ----------------------------------------------------------------------
 
 Request = Callable[[World, str], tuple[str, Any]]  # (world, persona name) → (path, JSON body)
-_ID = {
-    "budget_id": lambda w: w.budget.pk,
-    "override_id": lambda w: w.override.pk,
-    "profile_id": lambda w: w.profile.pk,
+_ID: dict[str, Callable[[World], Any]] = {
+    "str:request_id": lambda w: "m-1",
+    "str:workflow_id": lambda w: "wf-ranker",
+    "int:budget_id": lambda w: w.budget.pk,
+    "int:override_id": lambda w: w.override.pk,
+    "int:profile_id": lambda w: w.profile.pk,
 }
 _LATER = (timezone.now() + timedelta(days=7)).isoformat()
 
@@ -260,6 +281,11 @@ BODIES: dict[tuple[str, str], Callable[[World, str], Any]] = {
     },
     ("PATCH", "agent-profiles/<int:profile_id>"): lambda w, who: {"token_budget": 5_000},
     ("POST", "overrides/<int:override_id>/reject"): lambda w, who: {"reason": "no"},
+    ("POST", "relationships"): lambda w, who: {
+        "from_request_id": "m-2",
+        "to_request_id": "m-1",
+        "type": "follow_up_of",
+    },
 }
 QUERIES = {("GET", "usage/summary"): "?group_by=team_id,project_id"}
 
@@ -267,7 +293,7 @@ QUERIES = {("GET", "usage/summary"): "?group_by=team_id,project_id"}
 def _path(route: str, world: World) -> str:
     path = route if route.startswith("api/") else f"api/v1/{route}"
     for name, value in _ID.items():
-        path = path.replace(f"<int:{name}>", str(value(world)))
+        path = path.replace(f"<{name}>", str(value(world)))
     return "/" + path
 
 
@@ -296,11 +322,11 @@ def _rest_endpoints() -> set[tuple[str, str]]:
 
 
 def _live_pages() -> set[str]:
-    """Every route of the live admin pages (mounted at admin/live/ before the admin)."""
+    """Every route of the staff pages mounted before the admin (admin/live/, admin/provenance/)."""
     found: set[str] = set()
     for p in get_resolver().url_patterns:
-        if isinstance(p, URLResolver) and str(p.pattern) == "admin/live/":
-            found |= {f"admin/live/{q.pattern}" for q in p.url_patterns}
+        if isinstance(p, URLResolver) and str(p.pattern) in ("admin/live/", "admin/provenance/"):
+            found |= {f"{p.pattern}{q.pattern}" for q in p.url_patterns}
     return found
 
 
@@ -433,6 +459,8 @@ def test_it_shows_the_live_pages_only_to_the_matrixs_callers(
 ) -> None:
     persona = _persona(request, who)
     path = "/" + route.replace("<path:conversation_id>", world.conversation_id)
+    path = path.replace("<path:workflow_id>", "wf-ranker")
+    path = path.replace("<int:pk>", str(TokenUsage.objects.get(request_id="m-1").pk))
     response = persona.client.get(path)
     assert response.status_code == status
     if status == 302:

@@ -309,6 +309,22 @@ TOKENMGR_LIVE_DASHBOARD_RATE = env_float(
     "TOKENMGR_LIVE_DASHBOARD_RATE", 4.0, minimum=0.1, maximum=50.0
 )
 
+# --- Provenance (SPEC §6) ---
+# Prompt and completion text sent with an event is hashed; it is stored only when this is true.
+TOKENMGR_PROVENANCE_STORE_TEXT = env_bool("TOKENMGR_PROVENANCE_STORE_TEXT", False)
+# A parent link or relationship that would make a chain deeper than this is refused.
+TOKENMGR_PROVENANCE_MAX_DEPTH = env_int(
+    "TOKENMGR_PROVENANCE_MAX_DEPTH", 64, minimum=1, maximum=1000
+)
+# Pattern analysis reports chains deeper than this as "deep chains" (?depth_limit= overrides).
+TOKENMGR_PROVENANCE_DEEP_CHAIN = env_int(
+    "TOKENMGR_PROVENANCE_DEEP_CHAIN", 8, minimum=1, maximum=1000
+)
+# A lineage larger than this many nodes is refused (ask with max_depth= or direction=).
+TOKENMGR_LINEAGE_MAX_NODES = env_int(
+    "TOKENMGR_LINEAGE_MAX_NODES", 50_000, minimum=100, maximum=1_000_000
+)
+
 # --- DRF / OpenAPI ---
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

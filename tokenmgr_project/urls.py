@@ -125,10 +125,12 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("favicon.ico", favicon, name="favicon"),
     path("admin/live/", include("reporting.pages")),  # before the admin's catch-all
+    path("admin/provenance/", include("provenance.pages")),  # before the admin's catch-all
     path("admin/", admin.site.urls),
     path("api/v1/", include("usage.urls")),
     path("api/v1/", include("reporting.urls")),
     path("api/v1/", include("budgets.urls")),
+    path("api/v1/", include("provenance.urls")),
     path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", DocsView.as_view(url_name="schema"), name="api-docs"),
     re_path(r"^api(?:/(?P<rest>.*))?$", api_not_found),  # last: what no route above matched

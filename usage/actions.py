@@ -79,6 +79,13 @@ def usage_out(row: TokenUsage) -> dict[str, Any]:
 def track_usage(principal: Principal, data: Any) -> Outcome:
     result = services.usage_ingest(principal=principal, events=[data])[0]
     if result.status == "rejected":
+        if result.conflict:
+            raise ApiError(
+                "The usage event's link conflicts with recorded provenance.",
+                status_code=409,
+                code="cycle",
+                fields=result.errors,
+            )
         raise ApiError("Invalid usage event.", fields=result.errors)
     body = result.as_dict()
     del body["index"], body["status"]

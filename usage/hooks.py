@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from django.dispatch import Signal
 
+from tokenmgr_project.core.errors import FieldErrors
 from tokenmgr_project.core.principal import Principal
 from usage.buffer import Counting
 from usage.rows import Row
@@ -68,6 +69,48 @@ class _NoAccounting:
 
 
 _accountant: Accountant = _NoAccounting()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the lineage refuses a row: field errors, and whether it conflicts with what is
+    stored (a cycle: 409 for a single event) rather than being invalid in itself."""
+
+    errors: FieldErrors
+    conflict: bool = False
+
+
+class Lineage(Protocol):
+    """How provenance takes part in ingestion (it registers itself in ready())."""
+
+    def prepare(self, rows: list[Row], *, tenant: str) -> tuple[list[Row], list[Refusal | None]]:
+        """Before the store, for one tenant's new rows (may read the database and note refused
+        attempts, must not write the ledger): the rows with depth and root filled in where the
+        parent is known, and per row the refusal (None keeps it)."""
+
+    def stored(self, keys: set[tuple[str, str]]) -> None:
+        """Inside the transaction that inserted these (tenant, request_id) rows, after they are
+        in: record their links, resolve what waited for them. Must not refuse a row."""
+
+
+class _NoLineage:
+    def prepare(self, rows: list[Row], *, tenant: str) -> tuple[list[Row], list[Refusal | None]]:
+        return rows, [None for _row in rows]
+
+    def stored(self, keys: set[tuple[str, str]]) -> None:
+        return None
+
+
+_lineage: Lineage = _NoLineage()
+
+
+def register_lineage(lineage: Lineage) -> None:
+    global _lineage
+    _lineage = lineage
+
+
+def lineage() -> Lineage:
+    return _lineage
 
 
 def register_accountant(accountant: Accountant) -> None:

@@ -29,6 +29,7 @@ class RelationshipType(models.TextChoices):
     DERIVED_FROM = "derived_from"
     RETRY_OF = "retry_of"
     CACHED_FROM = "cached_from"
+    FALLBACK_OF = "fallback_of"
     FOLLOW_UP_OF = "follow_up_of"
     TOOL_CALL_OF = "tool_call_of"
 
@@ -95,6 +96,15 @@ class TokenUsage(models.Model):
     input_hash = models.CharField(max_length=128, blank=True, default="")
     output_hash = models.CharField(max_length=128, blank=True, default="")
     cache_hit = models.BooleanField(null=True, blank=True)
+    # Lineage (SPEC §6): 0 for a root; None while the parent has not arrived (out-of-order
+    # ingestion), until provenance.services.lineage_record resolves it and root_request_id.
+    depth = models.IntegerField(null=True, blank=True, default=0)
+    agent_type = models.CharField(max_length=128, blank=True, default="")
+    workflow_step = models.CharField(max_length=128, blank=True, default="")
+    system_context = models.JSONField(default=dict, blank=True)
+    # Only with TOKENMGR_PROVENANCE_STORE_TEXT; otherwise only input_hash / output_hash are kept.
+    input_text = models.TextField(blank=True, default="")
+    output_text = models.TextField(blank=True, default="")
 
     class Meta:
         constraints = [
@@ -138,6 +148,22 @@ class TokenUsage(models.Model):
             models.Index(fields=["workflow_id", "occurred_at"], name="usage_workflow_time_idx"),
             # usage_list filtered by provider and/or model.
             models.Index(fields=["provider", "model", "occurred_at"], name="usage_model_time_idx"),
+            # provenance.services.lineage_record: rows waiting for their parent's depth and root.
+            models.Index(
+                fields=["tenant", "parent_request_id"],
+                condition=Q(depth__isnull=True),
+                name="usage_lineage_pending_idx",
+            ),
+            # provenance.selectors.duplicate_requests: repeated inputs (same hash) in a range.
+            models.Index(
+                fields=["input_hash", "occurred_at"],
+                condition=~Q(input_hash=""),
+                name="usage_input_hash_idx",
+            ),
+            # provenance.selectors.deep_chains: rows deeper than the limit (few) in a range.
+            models.Index(
+                fields=["depth", "occurred_at"], condition=Q(depth__gt=1), name="usage_depth_idx"
+            ),
             # health_snapshot: count of unpriced rows without scanning the ledger.
             models.Index(
                 fields=["occurred_at"], condition=Q(unpriced=True), name="usage_unpriced_idx"

@@ -20,12 +20,17 @@ ROW_COLUMNS = (
     "project_id", "user_id", "feature", "agent", "task_type", "conversation_id", "workflow_id",
     "status", "error_type", "latency_ms", "metadata", "reservation_id", "parent_request_id",
     "root_request_id", "relationship", "intent", "input_hash", "output_hash", "cache_hit",
+    "depth", "agent_type", "workflow_step", "system_context", "input_text", "output_text",
     "tenant",
 )  # fmt: skip
 # A row is identified by (tenant, request_id): request_id is unique per tenant. tenant is the
-# last column so that a line written before it existed (LEGACY_COLUMNS fields) can be completed.
+# last column, and the lineage columns come just before it, so that a line buffered before they
+# existed (LEGACY_COLUMNS, PRE_LINEAGE_COLUMNS) can be completed.
 TENANT_COL = len(ROW_COLUMNS) - 1
-LEGACY_COLUMNS = TENANT_COL
+_FIRST_LINEAGE = ROW_COLUMNS.index("depth")
+# Field counts of older line layouts: without tenant and lineage; with tenant, without lineage.
+LEGACY_COLUMNS = _FIRST_LINEAGE
+PRE_LINEAGE_COLUMNS = _FIRST_LINEAGE + 1
 Row = tuple[Any, ...]
 # Column name -> position in a row.
 ROW_INDEX = {name: i for i, name in enumerate(ROW_COLUMNS)}
@@ -40,10 +45,13 @@ INT_COLS = frozenset(
         "cache_read_tokens",
         "cache_write_tokens",
         "latency_ms",
+        "depth",
     )
 )
 BOOL_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("unpriced", "estimated", "cache_hit"))
 METADATA_COL = ROW_COLUMNS.index("metadata")
+JSON_COLS = frozenset(ROW_COLUMNS.index(c) for c in ("metadata", "system_context"))
+_PARENT = ROW_COLUMNS.index("parent_request_id")
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
@@ -106,18 +114,28 @@ def tenant_by_attribution(team_id: str, project_id: str) -> str:
 _TEAM, _PROJECT = ROW_COLUMNS.index("team_id"), ROW_COLUMNS.index("project_id")
 
 
+def _lineage_defaults(parent_field: str) -> list[str]:
+    # A row without a parent is a root (depth 0); one with a parent waits for its parent's depth.
+    return ["0" if parent_field == "" else "\\N", "", "", "{}", "", ""]
+
+
 def upgrade_legacy_line(line: str) -> str:
-    """A line buffered before the tenant column existed, completed with its attribution's
-    tenant (see tenant_by_attribution); a current line is returned as it is."""
+    """A line buffered in an older layout (without tenant: it gets its attribution's tenant, see
+    tenant_by_attribution; without the lineage columns: defaults), completed to the current
+    layout; a current line is returned as it is."""
     fields = line.split("\t")
-    if len(fields) != LEGACY_COLUMNS:
+    if len(fields) == LEGACY_COLUMNS:
+        tenant = tenant_by_attribution(_unescape(fields[_TEAM]), _unescape(fields[_PROJECT]))
+        fields.append(tenant.translate(_ESCAPES))
+    elif len(fields) != PRE_LINEAGE_COLUMNS:
         return line
-    tenant = tenant_by_attribution(_unescape(fields[_TEAM]), _unescape(fields[_PROJECT]))
-    return line + "\t" + tenant.translate(_ESCAPES)
+    fields[-1:-1] = _lineage_defaults(fields[_PARENT])
+    return "\t".join(fields)
 
 
 def decode_line(line: str) -> Row:
     values: list[Any] = []
+    line = upgrade_legacy_line(line)
     for index, raw in enumerate(line.split("\t")):
         if raw == "\\N":
             values.append(None)
@@ -129,10 +147,8 @@ def decode_line(line: str) -> Row:
             values.append(int(raw))
         elif index in BOOL_COLS:
             values.append(raw == "t")
-        elif index == METADATA_COL:
+        elif index in JSON_COLS:
             values.append(json.loads(_unescape(raw)))
         else:
             values.append(_unescape(raw))
-    if len(values) == LEGACY_COLUMNS:
-        values.append(tenant_by_attribution(values[_TEAM] or "", values[_PROJECT] or ""))
     return tuple(values)

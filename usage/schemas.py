@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -81,14 +81,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+RequestRef = Annotated[str, Field(strict=True, max_length=128)]
+MAX_SYSTEM_CONTEXT_BYTES = 4 * 1024
+MAX_PROVENANCE_TEXT = 1_000_000
+
+
 class ProvenanceIn(Strict):
-    parent_request_id: Annotated[str, Field(strict=True, max_length=128)] = ""
-    root_request_id: Annotated[str, Field(strict=True, max_length=128)] = ""
+    """How this request came about. `relationship` (default `triggered_by`) is the type of its
+    link to `parent_request_id`; a root request names no parent. Text sent as `input_text` /
+    `output_text` is hashed (SHA-256) into `input_hash` / `output_hash` and stored only where
+    TOKENMGR_PROVENANCE_STORE_TEXT allows."""
+
+    parent_request_id: RequestRef = ""
+    root_request_id: RequestRef = ""
     relationship: RelationshipType | Literal[""] = ""
     intent: Annotated[str, Field(strict=True, max_length=256)] = ""
+    agent_type: Annotated[str, Field(strict=True, max_length=128)] = ""
+    workflow_step: Annotated[str, Field(strict=True, max_length=128)] = ""
+    system_context: dict[str, Any] = Field(
+        default_factory=dict, description=f"At most {MAX_SYSTEM_CONTEXT_BYTES} bytes as JSON."
+    )
     input_hash: Annotated[str, Field(strict=True, max_length=128)] = ""
-    input_text: Annotated[str, Field(strict=True, max_length=1_000_000)] | None = None
+    input_text: Annotated[str, Field(strict=True, max_length=MAX_PROVENANCE_TEXT)] | None = None
     output_hash: Annotated[str, Field(strict=True, max_length=128)] = ""
+    output_text: Annotated[str, Field(strict=True, max_length=MAX_PROVENANCE_TEXT)] | None = None
     cache_hit: Annotated[bool, Field(strict=True)] | None = None
 
 
@@ -169,6 +185,11 @@ class UsageEvent:
     input_hash: str
     output_hash: str
     cache_hit: bool | None
+    agent_type: str = ""
+    workflow_step: str = ""
+    system_context: dict[str, Any] = field(default_factory=dict)
+    input_text: str = ""
+    output_text: str = ""
 
 
 def _raw_count(raw: dict[str, Any], path: tuple[str, ...], errors: FieldErrors) -> int:
@@ -230,8 +251,11 @@ _TEXT_FIELDS = (
     "task_type", "conversation_id", "workflow_id", "error_type", "reservation_id",
 )  # fmt: skip
 _PROVENANCE_TEXT = (
-    "parent_request_id", "root_request_id", "intent", "input_hash", "output_hash", "input_text",
+    "parent_request_id", "root_request_id", "intent", "agent_type", "workflow_step", "input_hash",
+    "output_hash", "input_text", "output_text",
 )  # fmt: skip
+# Request ids a link names: what request_id itself must be (printable, no control characters).
+_PROVENANCE_IDS = ("parent_request_id", "root_request_id")
 
 
 _text_values = operator.attrgetter(*_TEXT_FIELDS)
@@ -299,6 +323,49 @@ def _pick_alias(
     if a is not None and b is not None:
         errors.setdefault(names[1], []).append(f"Give {names[0]} or {names[1]}, not both.")
     return a if a is not None else b
+
+
+def _text_hash(given: str, text: str | None, which: str, errors: FieldErrors) -> str:
+    """The content hash: the one given, or the SHA-256 of the text sent (never both)."""
+    if text is None:
+        return given
+    if given:
+        errors.setdefault(f"provenance.{which}_text", []).append(
+            f"Give {which}_hash or {which}_text, not both."
+        )
+    try:
+        return hashlib.sha256(text.encode()).hexdigest()
+    except UnicodeEncodeError:  # a lone surrogate: no bytes to hash
+        errors.setdefault(f"provenance.{which}_text", []).append(_JSON_MESSAGE)
+        return ""
+
+
+def _link_errors(request_id: str, prov: ProvenanceIn, errors: FieldErrors) -> None:
+    for name in _PROVENANCE_IDS:
+        value = getattr(prov, name)
+        if value and (not value.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)):
+            errors.setdefault(f"provenance.{name}", []).append(
+                "Must be a request id: printable, not blank, without control characters."
+            )
+    if prov.parent_request_id and prov.parent_request_id == request_id:
+        errors.setdefault("provenance.parent_request_id", []).append(
+            "A request cannot be its own parent."
+        )
+    if prov.relationship and not prov.parent_request_id:
+        errors.setdefault("provenance.relationship", []).append(
+            "Names the link to parent_request_id: give parent_request_id too."
+        )
+    if prov.system_context:
+        try:
+            text, storable = _json_text(prov.system_context)
+        except ValueError:
+            text, storable = "", False
+        if not storable:
+            errors.setdefault("provenance.system_context", []).append(_JSON_MESSAGE)
+        elif len(text) > MAX_SYSTEM_CONTEXT_BYTES:
+            errors.setdefault("provenance.system_context", []).append(
+                f"Is larger than {MAX_SYSTEM_CONTEXT_BYTES} bytes."
+            )
 
 
 def validate_event(
@@ -378,16 +445,9 @@ def validate_event(
                 )
 
     prov = data.provenance or ProvenanceIn()
-    input_hash = prov.input_hash
-    if prov.input_text is not None:
-        if input_hash:
-            errors.setdefault("provenance.input_text", []).append(
-                "Give input_hash or input_text, not both."
-            )
-        try:
-            input_hash = hashlib.sha256(prov.input_text.encode()).hexdigest()
-        except UnicodeEncodeError:  # a lone surrogate: no bytes to hash
-            errors.setdefault("provenance.input_text", []).append(_JSON_MESSAGE)
+    input_hash = _text_hash(prov.input_hash, prov.input_text, "input", errors)
+    output_hash = _text_hash(prov.output_hash, prov.output_text, "output", errors)
+    _link_errors(data.request_id, prov, errors)
 
     if errors:
         return None, errors
@@ -420,8 +480,13 @@ def validate_event(
             relationship=prov.relationship.value if prov.relationship else "",
             intent=prov.intent,
             input_hash=input_hash,
-            output_hash=prov.output_hash,
+            output_hash=output_hash,
             cache_hit=prov.cache_hit,
+            agent_type=prov.agent_type,
+            workflow_step=prov.workflow_step,
+            system_context=prov.system_context,
+            input_text=(prov.input_text or "") if settings.TOKENMGR_PROVENANCE_STORE_TEXT else "",
+            output_text=(prov.output_text or "") if settings.TOKENMGR_PROVENANCE_STORE_TEXT else "",
         ),
         {},
     )

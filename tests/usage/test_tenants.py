@@ -16,6 +16,7 @@ from budgets.services import budget_create
 from tests.conftest import Persona, event, rows, run_concurrently, settle
 from tokenmgr_project.core import redis as tm_redis
 from usage import buffer, services
+from usage import rows as rows_codec
 from usage.models import TokenUsage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -145,7 +146,8 @@ def test_lines_buffered_before_tenants_existed_flush_with_their_attributions_ten
     member.client.post("/api/v1/usage", event("new"), format="json")
     raw: Any = tm_redis.client().xrange(buffer.stream_key(), count=1)
     line = raw[0][1][b"rows"].decode()
-    legacy = line.rsplit("\t", 1)[0].replace("new", "old", 1)  # no tenant column, no "v" field
+    # The layout before tenants (and lineage columns) existed; no "v" field.
+    legacy = "\t".join(line.split("\t")[: rows_codec.LEGACY_COLUMNS]).replace("new", "old", 1)
     tm_redis.client().xadd(buffer.stream_key(), {"n": 1, "rows": legacy})
     tm_redis.client().incrby(buffer.depth_key(), 1)
     settle()

@@ -46,6 +46,7 @@ ERROR_DESCRIPTIONS = {
     "409": "Conflicts with the object's current state.",
     "413": "Request body too large.",
     "415": "The body is not JSON (send Content-Type: application/json).",
+    "422": "Valid, but too large or too deep to answer or store (error.fields says how).",
     "503": "The database is unreachable; retry after Retry-After seconds.",
 }
 # Operations that name an object in their body (or reach one through an action, /signals) and so
@@ -63,7 +64,9 @@ EXTRA_ERRORS: dict[tuple[str, str], set[str]] = {
     ("post", "/api/v1/reservations/cancel"): {"404", "409"},
     ("post", "/api/v1/usage"): {"404", "409"},
     ("post", "/api/v1/usage/batch"): {"404", "409"},
-    ("post", "/api/v1/signals"): {"404", "409"},
+    ("post", "/api/v1/signals"): {"404", "409", "422"},
+    ("post", "/api/v1/relationships"): {"404", "409", "422"},
+    ("get", "/api/v1/lineage/{request_id}"): {"422"},
 }
 # Largest database id (BigAutoField): a larger one in a path is a 404, the schema says so.
 MAX_ID = 2**63 - 1

@@ -42,6 +42,38 @@ def conversation_link(conversation_id: str) -> SafeString | str:
     )
 
 
+# usage row pk → the URL of its lineage page, and workflow id → its workflow page; set by the app
+# that draws them (provenance registers both in ready()), for the same reason.
+_lineage_url: Callable[[int], str] | None = None
+_workflow_url: Callable[[str], str] | None = None
+
+
+def register_lineage_url(url_for: Callable[[int], str]) -> None:
+    global _lineage_url
+    _lineage_url = url_for
+
+
+def register_workflow_url(url_for: Callable[[str], str]) -> None:
+    global _workflow_url
+    _workflow_url = url_for
+
+
+def lineage_link(pk: int) -> SafeString | str:
+    """A "Lineage" link to the drawing of a usage row's tree (when some app draws them)."""
+    if _lineage_url is None:
+        return EMPTY
+    return format_html('<a href="{}">Lineage</a>', _lineage_url(pk))
+
+
+def workflow_link(workflow_id: str) -> SafeString | str:
+    """A workflow id with a link to its workflow page (when some app serves them)."""
+    if not workflow_id:
+        return EMPTY
+    if _workflow_url is None:
+        return workflow_id
+    return format_html('{} <a href="{}">workflow</a>', workflow_id, _workflow_url(workflow_id))
+
+
 def usd(value: Decimal | None) -> str:
     """An amount as the API writes it, with its currency: "0.027 USD", "500 USD"."""
     return EMPTY if value is None else f"{pricing.money(value)} {pricing.CURRENCY}"

@@ -18,7 +18,14 @@ from django.utils.safestring import SafeString
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.errors import ApiError
 from usage import pricing, selectors, services
-from usage.admin.display import clipped, conversation_link, usd, when
+from usage.admin.display import (
+    clipped,
+    conversation_link,
+    lineage_link,
+    usd,
+    when,
+    workflow_link,
+)
 from usage.models import DeadLetter, TokenUsage
 
 # The admin never counts a large ledger: it counts at most this many matching rows.
@@ -35,7 +42,15 @@ class CappedCountPaginator(Paginator):
 
 @admin.register(TokenUsage)
 class TokenUsageAdmin(admin.ModelAdmin):
-    list_display = ("occurred", "request", "model_label", "total_tokens", "cost_usd", "outcome")
+    list_display = (
+        "occurred",
+        "request",
+        "model_label",
+        "total_tokens",
+        "cost_usd",
+        "outcome",
+        "lineage",
+    )
     list_display_links = ("request",)
     list_filter = (
         ("occurred_at", admin.DateFieldListFilter),
@@ -57,6 +72,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
             {
                 "fields": (
                     "request_id",
+                    "lineage",
                     "tenant",
                     "occurred_at",
                     "received_at",
@@ -96,7 +112,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
                     "agent",
                     "task_type",
                     "conversation",
-                    "workflow_id",
+                    "workflow",
                     "reservation_id",
                     "metadata",
                 )
@@ -108,7 +124,10 @@ class TokenUsageAdmin(admin.ModelAdmin):
                 "fields": (
                     "parent_request_id",
                     "root_request_id",
+                    "depth",
                     "relationship",
+                    "agent_type",
+                    "workflow_step",
                     "intent",
                     "input_hash",
                     "output_hash",
@@ -117,7 +136,14 @@ class TokenUsageAdmin(admin.ModelAdmin):
             },
         ),
     )
-    readonly_fields = ("cost_total", "cost_input", "cost_output", "conversation")
+    readonly_fields = (
+        "cost_total",
+        "cost_input",
+        "cost_output",
+        "conversation",
+        "workflow",
+        "lineage",
+    )
 
     @admin.display(description="occurred", ordering="occurred_at")
     def occurred(self, obj: TokenUsage) -> str:
@@ -145,6 +171,14 @@ class TokenUsageAdmin(admin.ModelAdmin):
     @admin.display(description="conversation id")
     def conversation(self, obj: TokenUsage) -> SafeString | str:
         return conversation_link(obj.conversation_id)
+
+    @admin.display(description="workflow id")
+    def workflow(self, obj: TokenUsage) -> SafeString | str:
+        return workflow_link(obj.workflow_id)
+
+    @admin.display(description="lineage")
+    def lineage(self, obj: TokenUsage) -> SafeString | str:
+        return lineage_link(obj.pk)
 
     @admin.display(description="cost")
     def cost_total(self, obj: TokenUsage) -> str:

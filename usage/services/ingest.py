@@ -39,6 +39,7 @@ class ItemResult:
     errors: FieldErrors = field(default_factory=dict)
     cost: Decimal | None = None
     unpriced: bool = False
+    conflict: bool = False  # rejected for what is stored (a lineage cycle), not its own content
 
     def as_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -93,7 +94,9 @@ def _row_for(
         event.feature, event.agent, event.task_type, event.conversation_id, event.workflow_id,
         event.status, event.error_type, event.latency_ms, event.metadata, event.reservation_id,
         event.parent_request_id, event.root_request_id, event.relationship, event.intent,
-        event.input_hash, event.output_hash, event.cache_hit, tenant,
+        event.input_hash, event.output_hash, event.cache_hit,
+        None if event.parent_request_id else 0, event.agent_type, event.workflow_step,
+        event.system_context, event.input_text, event.output_text, tenant,
     )  # fmt: skip
 
 
@@ -134,6 +137,8 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
         results.append(item)
         accepted.append((item, row))
     if accepted:
+        accepted = _with_lineage(accepted, tenant)
+    if accepted:
         flags, accounting = _store(accepted, principal)
         for (item, _row), flag in zip(accepted, flags, strict=True):
             if flag == buffer.DUPLICATE:
@@ -157,6 +162,34 @@ def usage_ingest(*, principal: Principal, events: list[Any]) -> list[ItemResult]
     return results
 
 
+def _with_lineage(
+    accepted: list[tuple[ItemResult, Row]], tenant: str
+) -> list[tuple[ItemResult, Row]]:
+    """The rows with their lineage completed where it is known (depth, root); those the lineage
+    refuses (a cycle, a chain too deep) are rejected and left out."""
+    rows = [row for _item, row in accepted]
+    if all(row[_PARENT] == "" for row in rows):
+        return accepted  # nothing to derive: roots only
+    if unavailable.suspect():
+        # The database failed a moment ago: not waited on again per request. The flush
+        # resolves what could not be derived here (the rows wait with depth None).
+        return accepted
+    try:
+        completed, refusals = hooks.lineage().prepare(rows, tenant=tenant)
+    except unavailable.DATABASE_ERRORS as exc:
+        unavailable.note(exc, "lineage lookup")
+        return accepted
+    kept: list[tuple[ItemResult, Row]] = []
+    for (item, _row), row, refusal in zip(accepted, completed, refusals, strict=True):
+        if refusal is not None:
+            item.status, item.errors, item.cost = "rejected", refusal.errors, None
+            item.conflict = refusal.conflict
+        else:
+            kept.append((item, row))
+    return kept
+
+
+_PARENT = rows_codec.ROW_INDEX["parent_request_id"]
 _UNKNOWN_RESERVATION = "Unknown reservation: no check with reserve=true returned this id."
 
 

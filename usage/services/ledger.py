@@ -10,9 +10,10 @@ import psycopg
 from django.db import connection, transaction
 from django.utils import timezone
 
+from usage import hooks
 from usage import rows as rows_codec
 from usage.models import TokenUsage
-from usage.rows import METADATA_COL, ROW_COLUMNS, Row
+from usage.rows import JSON_COLS, ROW_COLUMNS, Row
 from usage.services.config import manager_config
 
 _TABLE = TokenUsage._meta.db_table
@@ -28,7 +29,8 @@ def _db_params(row: Row) -> list[Any]:
     values = list(row)
     for i in rows_codec.DATETIME_COLS:
         values[i] = ops.adapt_datetimefield_value(values[i])
-    values[METADATA_COL] = json.dumps(values[METADATA_COL], separators=(",", ":"))
+    for i in JSON_COLS:
+        values[i] = json.dumps(values[i], separators=(",", ":"))
     return values
 
 
@@ -36,7 +38,8 @@ Key = tuple[str, str]  # (tenant, request_id): what identifies a ledger row
 
 
 def usage_rows_insert(rows: list[Row]) -> set[Key]:
-    """Insert ledger rows unless their (tenant, request_id) exists; returns the keys inserted."""
+    """Insert ledger rows unless their (tenant, request_id) exists; returns the keys inserted.
+    In the same transaction the lineage hook records what the new rows link to."""
     if not rows:
         return set()
     if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
@@ -45,6 +48,8 @@ def usage_rows_insert(rows: list[Row]) -> set[Key]:
     with transaction.atomic():
         for start in range(0, len(rows), _VALUES_CHUNK):
             inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
+        if inserted:
+            hooks.lineage().stored(inserted)
     return inserted
 
 
@@ -57,13 +62,12 @@ def usage_lines_insert(lines: list[str]) -> set[Key]:
     data = "\n".join(lines) + "\n"
     try:
         # Nearly always nothing conflicts (Redis claimed every id): COPY straight into the ledger.
-        with (
-            transaction.atomic(),
-            connection.cursor() as cursor,
-            cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy,
-        ):
-            copy.write(data)
-        return {rows_codec.line_key(line) for line in lines}
+        with transaction.atomic(), connection.cursor() as cursor:
+            with cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy:
+                copy.write(data)
+            keys = {rows_codec.line_key(line) for line in lines}
+            hooks.lineage().stored(keys)
+        return keys
     except psycopg.errors.UniqueViolation:
         # A re-claimed entry or an old repeat: stage, then insert only the absent rows.
         return _insert_staged(data)
@@ -73,7 +77,10 @@ def _insert_values(rows: list[Row]) -> set[Key]:
     jsonb = connection.vendor == "postgresql"
     one = (
         "("
-        + ", ".join("%s::jsonb" if jsonb and c == "metadata" else "%s" for c in ROW_COLUMNS)
+        + ", ".join(
+            "%s::jsonb" if jsonb and c in ("metadata", "system_context") else "%s"
+            for c in ROW_COLUMNS
+        )
         + ")"
     )
     sql = (
@@ -102,6 +109,8 @@ def _insert_staged(data: str) -> set[Key]:
         )
         inserted = {(r[0], r[1]) for r in cursor.fetchall()}
         cursor.execute("TRUNCATE usage_stage")
+        if inserted:
+            hooks.lineage().stored(inserted)
         return inserted
 
 
