@@ -159,7 +159,7 @@ _TENANT = OpenApiParameter(
 )
 _REQUEST_ID = OpenApiParameter(
     "request_id",
-    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f/]+$"},
+    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NO_CONTROL_CHARS},
     location=OpenApiParameter.PATH,
 )
 
@@ -271,7 +271,7 @@ class WorkflowUsageApi(ActionView):
         parameters=[
             OpenApiParameter(
                 "workflow_id",
-                {"type": "string", "minLength": 1, "maxLength": 128},
+                {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NO_CONTROL_CHARS},
                 location=OpenApiParameter.PATH,
             ),
             *_range_params()[:2],

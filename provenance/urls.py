@@ -4,10 +4,10 @@ from provenance import apis
 
 urlpatterns = [
     path("relationships", apis.RelationshipsApi.as_view(), name="relationships"),
-    path("provenance/<str:request_id>", apis.ProvenanceApi.as_view(), name="provenance"),
-    path("lineage/<str:request_id>", apis.LineageApi.as_view(), name="lineage"),
+    path("provenance/<path:request_id>", apis.ProvenanceApi.as_view(), name="provenance"),
+    path("lineage/<path:request_id>", apis.LineageApi.as_view(), name="lineage"),
     path(
-        "workflows/<str:workflow_id>/usage",
+        "workflows/<path:workflow_id>/usage",
         apis.WorkflowUsageApi.as_view(),
         name="workflow-usage",
     ),

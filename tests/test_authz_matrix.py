@@ -100,9 +100,9 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     # Provenance (issue 11): reads are scoped like usage (another project's request is a 404);
     # relating requests needs the add permission, and both ends in the caller's scope.
     ("POST", "relationships"):                 (401, 401, 201, 404, 201, 201, 403, 403, 403, 201),
-    ("GET", "provenance/<str:request_id>"):    (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
-    ("GET", "lineage/<str:request_id>"):       (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
-    ("GET", "workflows/<str:workflow_id>/usage"):
+    ("GET", "provenance/<path:request_id>"):    (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
+    ("GET", "lineage/<path:request_id>"):       (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
+    ("GET", "workflows/<path:workflow_id>/usage"):
                                                (401, 401, 200, 404, 200, 200, 403, 200, 403, 200),
     ("GET", "analysis/task-costs"):            (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     ("GET", "analysis/patterns"):              (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
@@ -221,8 +221,8 @@ def _persona(request: pytest.FixtureRequest, name: str) -> Persona:
 
 Request = Callable[[World, str], tuple[str, Any]]  # (world, persona name) → (path, JSON body)
 _ID: dict[str, Callable[[World], Any]] = {
-    "str:request_id": lambda w: "m-1",
-    "str:workflow_id": lambda w: "wf-ranker",
+    "path:request_id": lambda w: "m-1",
+    "path:workflow_id": lambda w: "wf-ranker",
     "int:budget_id": lambda w: w.budget.pk,
     "int:override_id": lambda w: w.override.pk,
     "int:profile_id": lambda w: w.profile.pk,

@@ -367,3 +367,11 @@ def test_it_refuses_bad_analysis_parameters_naming_them(
     response = platform.client.get(f"/api/v1/analysis/patterns?{query}")
     assert response.status_code == 400
     assert field in response.json()["error"]["fields"]
+
+
+def test_it_answers_for_request_and_workflow_ids_holding_slashes(platform: Persona) -> None:
+    record(platform, ev("ticket/1"), ev("ticket/1/step", "ticket/1", workflow_id="flow/a"))
+    assert platform.client.get("/api/v1/provenance/ticket/1/step").json()["depth"] == 1
+    nodes = platform.client.get("/api/v1/lineage/ticket/1").json()["nodes"]
+    assert [n["request_id"] for n in nodes] == ["ticket/1", "ticket/1/step"]
+    assert platform.client.get("/api/v1/workflows/flow/a/usage").json()["totals"]["requests"] == 1
