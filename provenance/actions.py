@@ -50,10 +50,17 @@ def jsonable(value: Any) -> Any:
 
 
 def usage_admin_url(pk: int) -> str:
+    return usage_admin_urls()(pk)
+
+
+def usage_admin_urls() -> Any:
+    """pk -> the usage row's admin page, reversing once (a lineage has thousands of nodes)."""
     try:
-        return reverse("admin:usage_tokenusage_change", args=[pk])
+        template = reverse("admin:usage_tokenusage_change", args=[0])
     except NoReverseMatch:
-        return ""
+        return lambda pk: ""
+    head, tail = template.split("/0/", 1)
+    return lambda pk: f"{head}/{pk}/{tail}"
 
 
 # --- one request ---------------------------------------------------------------------------------
@@ -100,7 +107,8 @@ def node_out(node: selectors.LineageNode) -> dict[str, Any]:
 
 
 def graph_nodes(lineage: selectors.Lineage, url: Any = None) -> list[graph.Node]:
-    link = url or (lambda node: usage_admin_url(node.row["pk"]))
+    to_row = usage_admin_urls()
+    link = url or (lambda node: to_row(node.row["pk"]))
     return [
         graph.Node(
             request_id=n.request_id,

@@ -5,7 +5,6 @@ and a lineage stops where the caller's scope ends. Walks and aggregates run in S
 from __future__ import annotations
 
 import itertools
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import Avg, Count, F, Max, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, NullIf
 
@@ -681,41 +681,93 @@ FANOUT_MIN = 10
 
 def fan_out_outliers(rows: QuerySet[TokenUsage], *, limit: int) -> dict[str, Any]:
     """Requests with far more direct children than is usual (robust: median + 6 MAD, and at
-    least FANOUT_MIN): what their children cost."""
-    groups = rows.exclude(parent_request_id="").values("tenant", "parent_request_id")
-    inner, params = groups.annotate(n=Count("id")).values("n").query.sql_with_params()
-    histogram = sql.fetch(f"SELECT n, COUNT(*) FROM ({inner}) g GROUP BY n ORDER BY n", params)
-    counts = [n for n, parents in histogram for _ in range(min(parents, 100_000))]
-    if not counts:
-        return {"threshold": None, "outliers": 0, "findings": []}
-    median = statistics.median(counts)
-    mad = statistics.median(abs(c - median) for c in counts)
-    threshold = max(FANOUT_MIN, int(median + 6 * max(mad, 1)))
-    outliers = (
-        groups.annotate(
-            children=Count("id"),
+    least FANOUT_MIN): what their children cost. The ledger is grouped once."""
+    groups = (
+        rows.exclude(parent_request_id="")
+        .values("tenant", "parent_request_id")
+        .annotate(
+            n=Count("id"),
             cost=Coalesce(Sum("cost"), Value(ZERO)),
             tokens=Coalesce(Sum(F("input_tokens") + F("output_tokens")), 0),
         )
-        .filter(children__gt=threshold)
-        .order_by("-children", "parent_request_id")
+        .values("parent_request_id", "n", "cost", "tokens")
     )
-    found = list(outliers[:limit])
+    inner, params = groups.query.sql_with_params()
+    if connection.vendor == "postgresql":
+        median, threshold, total, found = _fan_out_pg(inner, list(params), limit)
+    else:
+        median, threshold, total, found = _fan_out_portable(groups, limit)
     return {
         "median_children": median,
         "threshold": threshold,
-        "outliers": outliers.count(),
+        "outliers": total,
         "findings": [
             {
-                "request_id": g["parent_request_id"],
-                "children": g["children"],
-                "children_cost": g["cost"],
-                "children_tokens": g["tokens"],
-                "request_ids": [g["parent_request_id"]],
+                "request_id": parent,
+                "children": n,
+                "children_cost": Decimal(str(cost)),
+                "children_tokens": tokens,
+                "request_ids": [parent],
             }
-            for g in found
+            for parent, n, cost, tokens in found
         ],
     }
+
+
+FanOut = tuple[float | None, int | None, int, list[tuple[str, int, Any, int]]]
+
+
+def _fan_out_pg(inner: str, params: list[Any], limit: int) -> FanOut:
+    rows = sql.fetch(
+        f"""
+        WITH g AS MATERIALIZED ({inner}),
+        s AS (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY n) AS med FROM g),
+        t AS (
+            SELECT s.med, GREATEST(%s, floor(s.med + 6 * GREATEST(1, (
+                SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY abs(g.n - s.med)) FROM g
+            ))))::int AS thr
+            FROM s
+        )
+        SELECT t.med, t.thr, o.parent_request_id, o.n, o.cost, o.tokens, o.total
+        FROM t LEFT JOIN LATERAL (
+            SELECT g.parent_request_id, g.n, g.cost, g.tokens, COUNT(*) OVER () AS total
+            FROM g WHERE g.n > t.thr ORDER BY g.n DESC, g.parent_request_id LIMIT %s
+        ) o ON true
+        """,
+        [*params, FANOUT_MIN, limit],
+    )
+    median, threshold = rows[0][0], rows[0][1]
+    found = [(r[2], r[3], r[4], r[5]) for r in rows if r[2] is not None]
+    total = int(rows[0][6]) if found else 0
+    return median, threshold, total, found
+
+
+def _weighted_median(pairs: Iterable[tuple[float, int]]) -> float:
+    """The median of values given as (value, how many times), as statistics.median has it."""
+    ordered = sorted(pairs)
+    size = sum(c for _v, c in ordered)
+    wanted = [(size - 1) // 2, size // 2]  # the middle one or two positions
+    found: list[float] = []
+    seen = 0
+    for value, count in ordered:
+        while wanted and wanted[0] < seen + count:
+            found.append(value)
+            wanted.pop(0)
+        seen += count
+    return sum(found) / len(found)
+
+
+def _fan_out_portable(groups: QuerySet[Any], limit: int) -> FanOut:
+    inner, params = groups.query.sql_with_params()
+    histogram = sql.fetch(f"SELECT n, COUNT(*) FROM ({inner}) g GROUP BY n", params)
+    if not histogram:
+        return None, None, 0, []
+    median = _weighted_median((n, c) for n, c in histogram)
+    mad = _weighted_median((abs(n - median), c) for n, c in histogram)
+    threshold = max(FANOUT_MIN, int(median + 6 * max(mad, 1)))
+    outliers = groups.filter(n__gt=threshold).order_by("-n", "parent_request_id")
+    found = [(g["parent_request_id"], g["n"], g["cost"], g["tokens"]) for g in outliers[:limit]]
+    return median, threshold, outliers.count(), found
 
 
 def agent_performance(rows: QuerySet[TokenUsage], *, limit: int) -> list[dict[str, Any]]:
@@ -750,6 +802,36 @@ def agent_performance(rows: QuerySet[TokenUsage], *, limit: int) -> list[dict[st
 
 
 def patterns(
+    principal: Principal,
+    since: datetime,
+    until: datetime,
+    *,
+    window: timedelta,
+    storm_min: int,
+    storm_window: timedelta,
+    depth_limit: int,
+    limit: int,
+) -> dict[str, Any]:
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # Each section groups up to the whole range: sorts and hashes stay in memory.
+            sql.execute(f"SET LOCAL work_mem = '{ANALYSIS_WORK_MEM}'", [])
+        return _patterns(
+            principal,
+            since,
+            until,
+            window=window,
+            storm_min=storm_min,
+            storm_window=storm_window,
+            depth_limit=depth_limit,
+            limit=limit,
+        )
+
+
+ANALYSIS_WORK_MEM = "64MB"
+
+
+def _patterns(
     principal: Principal,
     since: datetime,
     until: datetime,

@@ -21,18 +21,13 @@ from provenance import sql
 from provenance.models import CycleAttempt, ProvenanceRelationship
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
+from usage import hooks
 from usage.hooks import Refusal
 from usage.models import RelationshipType
-from usage.rows import ROW_INDEX, Row
+from usage.rows import Row, row_lineage, row_with_lineage
 
 logger = logging.getLogger(__name__)
 
-_ID, _PARENT, _ROOT = (
-    ROW_INDEX["request_id"],
-    ROW_INDEX["parent_request_id"],
-    ROW_INDEX["root_request_id"],
-)
-_REL, _DEPTH = ROW_INDEX["relationship"], ROW_INDEX["depth"]
 DEFAULT_TYPE = RelationshipType.TRIGGERED_BY.value
 
 
@@ -93,11 +88,12 @@ def _cycle_path(tenant: str, from_id: str, to_id: str) -> list[str] | None:
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    depth: int | None
+    depth: int | None  # None: waits for its parent
     root: str
 
 
-def _ledger_parents(tenant: str, ids: list[str]) -> dict[str, _Known]:
+def _stored_rows(tenant: str, ids: Sequence[str]) -> dict[str, _Known]:
+    """Depth and root of those of `ids` the ledger holds (one query)."""
     if not ids:
         return {}
     where, params = sql.in_list("request_id", ids)
@@ -108,7 +104,8 @@ def _ledger_parents(tenant: str, ids: list[str]) -> dict[str, _Known]:
     return {rid: _Known(depth, root) for rid, depth, root in rows}
 
 
-def _with_edges_into(tenant: str, ids: list[str]) -> set[str]:
+def _edges_into(tenant: str, ids: Sequence[str]) -> set[str]:
+    """Those of `ids` that some edge already points to (their children arrived first)."""
     if not ids:
         return set()
     where, params = sql.in_list("to_request_id", ids)
@@ -119,238 +116,267 @@ def _with_edges_into(tenant: str, ids: list[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
+def _below(parent: _Known, parent_id: str, own_root: str) -> _Known:
+    assert parent.depth is not None
+    return _Known(parent.depth + 1, own_root or parent.root or parent_id)
+
+
+def _derive(
+    items: Sequence[hooks.Link], stored: dict[str, _Known]
+) -> tuple[list[_Known], dict[int, list[str]]]:
+    """Depth and root of one tenant's new rows, from their parents among them or in `stored`;
+    and the rows whose link closes a cycle among them (the latest of each cycle) with its path.
+    Iterative: a batch may hold a chain as long as the batch."""
+    by_id = {link.request_id: i for i, link in enumerate(items)}
+    known: list[_Known | None] = [
+        _Known(0, link.root)
+        if not link.parent
+        else (_Known(link.depth, link.root) if link.depth is not None else None)
+        for link in items
+    ]
+    cycles: dict[int, list[str]] = {}
+    for start in range(len(items)):
+        path: list[int] = []
+        on_path: set[int] = set()
+        i: int | None = start
+        while i is not None and known[i] is None:
+            if i in on_path:
+                cycle = path[path.index(i) :]
+                last = max(cycle)
+                ids = [items[j].request_id for j in cycle]
+                turn = cycle.index(last)
+                cycles[last] = [*ids[turn:], *ids[:turn], items[last].request_id]
+                known[last] = _Known(None, items[last].root)  # its link is refused
+                break
+            path.append(i)
+            on_path.add(i)
+            i = by_id.get(items[i].parent)
+        for j in reversed(path):
+            if known[j] is not None:
+                continue
+            link = items[j]
+            p = by_id.get(link.parent)
+            up = (None if p in cycles else known[p]) if p is not None else stored.get(link.parent)
+            known[j] = (
+                _below(up, link.parent, link.root)
+                if up is not None and up.depth is not None
+                else _Known(None, link.root or (up.root if up else ""))
+            )
+    return [k if k is not None else _Known(None, "") for k in known], cycles
+
+
+def _event_attempt(tenant: str, link: hooks.Link, path: list[str]) -> None:
+    _attempt(
+        tenant, link.request_id, link.parent, link.relationship or DEFAULT_TYPE, path,
+        source=ProvenanceRelationship.Source.EVENT, by="",
+    )  # fmt: skip
+
+
 class ProvenanceLineage:
     """Registered as usage's lineage hook (ProvenanceConfig.ready)."""
 
     def prepare(self, rows: list[Row], *, tenant: str) -> tuple[list[Row], list[Refusal | None]]:
-        by_id = {row[_ID]: i for i, row in enumerate(rows)}
-        linked = [i for i, row in enumerate(rows) if row[_PARENT]]
-        outside = sorted({rows[i][_PARENT] for i in linked} - by_id.keys())
-        ledger = _ledger_parents(tenant, outside)
-        # Only a request something already links to can close a cycle by naming its parent.
-        targets = _with_edges_into(tenant, [rows[i][_ID] for i in linked])
+        links = [hooks.Link(tenant, *row_lineage(row)) for row in rows]
+        mine = {link.request_id for link in links}
+        stored = _stored_rows(tenant, sorted({lk.parent for lk in links if lk.parent} - mine))
+        known, cycles = _derive(links, stored)
+        # Only a request something already links to can close a cycle through stored edges.
+        targets = _edges_into(tenant, [lk.request_id for lk in links if lk.parent])
         refusals: list[Refusal | None] = [None for _row in rows]
-        known: dict[int, _Known] = {}
         out = list(rows)
-        for start in linked:
-            # Walk up through this batch's rows to one whose depth is known (iteratively: a
-            # batch may hold a chain as long as the batch).
-            path: list[int] = []
-            on_path: set[int] = set()
-            i = start
-            while i not in known and rows[i][_PARENT]:
-                if i in on_path:  # a cycle inside the batch: refuse its last member
-                    cycle = path[path.index(i) :]
-                    last = max(cycle)
-                    ids = [rows[j][_ID] for j in cycle]
-                    turn = cycle.index(last)
-                    ordered = [*ids[turn:], *ids[:turn], rows[last][_ID]]
-                    refusals[last] = _cycle_error(ordered)
-                    known[last] = _Known(None, "")
-                    _attempt(
-                        tenant, rows[last][_ID], rows[last][_PARENT],
-                        rows[last][_REL] or DEFAULT_TYPE, ordered,
-                        source=ProvenanceRelationship.Source.EVENT, by="",
-                    )  # fmt: skip
-                    break
-                path.append(i)
-                on_path.add(i)
-                parent = by_id.get(rows[i][_PARENT])
-                if parent is None or refusals[parent]:
-                    break
-                i = parent
-            for j in reversed(path):
-                if j in known:
-                    continue
-                parent_id = rows[j][_PARENT]
-                p = by_id.get(parent_id)
-                up = known.get(p) if p is not None else ledger.get(parent_id)
-                if p is not None and up is None and not rows[p][_PARENT]:
-                    up = _Known(0, rows[p][_ROOT])  # a root of this batch
-                if p is not None and refusals[p]:
-                    up = None  # the parent is refused: wait for it like any absent parent
-                depth = None if up is None or up.depth is None else up.depth + 1
-                root = rows[j][_ROOT] or (up.root if up and up.root else "")
-                if not root and up is not None and up.depth is not None:
-                    root = parent_id
-                if depth is not None and depth > max_depth():
-                    refusals[j] = _too_deep(depth)
-                    depth = None
-                known[j] = _Known(depth, root)
-                if not refusals[j]:
-                    row = list(out[j])
-                    row[_DEPTH], row[_ROOT] = depth, root
-                    out[j] = tuple(row)
-        for i in linked:
-            rid = rows[i][_ID]
-            if rid in targets and not refusals[i]:
-                closed = _cycle_path(tenant, rid, rows[i][_PARENT])
-                if closed is not None:
-                    refusals[i] = _cycle_error(closed)
-                    _attempt(
-                        tenant, rid, rows[i][_PARENT], rows[i][_REL] or DEFAULT_TYPE, closed,
-                        source=ProvenanceRelationship.Source.EVENT, by="",
-                    )  # fmt: skip
+        for i, link in enumerate(links):
+            if not link.parent:
+                continue
+            path = cycles.get(i)
+            if path is None and link.request_id in targets:
+                path = _cycle_path(tenant, link.request_id, link.parent)
+            depth = known[i].depth
+            if path is not None:
+                refusals[i] = _cycle_error(path)
+                _event_attempt(tenant, link, path)
+            elif depth is not None and depth > max_depth():
+                refusals[i] = _too_deep(depth)
+            elif depth is not None:
+                out[i] = row_with_lineage(out[i], depth, known[i].root)
+            elif known[i].root:
+                out[i] = row_with_lineage(out[i], None, known[i].root)  # still waits
         return out, refusals
 
-    def stored(self, keys: set[tuple[str, str]]) -> None:
-        by_tenant: dict[str, list[str]] = defaultdict(list)
-        for tenant, request_id in keys:
-            by_tenant[tenant].append(request_id)
-        for tenant, ids in by_tenant.items():
-            _record_links(tenant, ids)
+    def storing(self, links: list[hooks.Link]) -> dict[int, tuple[int, str]]:
+        by_tenant: dict[str, list[int]] = defaultdict(list)
+        for i, link in enumerate(links):
+            by_tenant[link.tenant].append(i)
+        changed: dict[int, tuple[int, str]] = {}
+        for tenant in sorted(by_tenant):  # one order everywhere: two inserts cannot deadlock
+            _serialise(tenant)
+            changed.update(_store_links(tenant, [(i, links[i]) for i in by_tenant[tenant]]))
+        return changed
 
 
-def _record_links(tenant: str, ids: list[str]) -> None:
-    """The tree edges of one tenant's new rows, and the depth/root of rows that waited."""
+# Advisory lock class of "one tenant's ledger inserts" (the second key is the tenant's hash).
+_LOCK_CLASS = 7411
+
+
+def _serialise(tenant: str) -> None:
+    """Make concurrent inserts of one tenant's rows take turns until commit: otherwise a child
+    and its parent committed side by side never see each other, and the child waits forever."""
+    if connection.vendor == "postgresql":
+        sql.fetch("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_LOCK_CLASS, tenant])
+
+
+def _store_links(tenant: str, items: list[tuple[int, hooks.Link]]) -> dict[int, tuple[int, str]]:
+    """One tenant's part of `storing`: tree edges for the rows' links (none closing a cycle),
+    then the depth and root of every row that waited for one of them, level by level."""
+    ids = [link.request_id for _i, link in items]
+    parents = {link.parent for _i, link in items if link.parent}
+    present = _stored_rows(tenant, sorted(set(ids) | parents))
+    # A row the ledger holds already is a duplicate: the insert leaves it out, and so do we.
+    fresh = [(i, link) for i, link in items if link.request_id not in present]
+    if not fresh:
+        return {}
+    links = [link for _i, link in fresh]
+    known, cycles = _derive(links, present)
+    targets = _edges_into(tenant, [link.request_id for link in links])
+    refused: dict[int, list[str]] = dict(cycles)
+    careful = [k for k, lk in enumerate(links) if lk.parent and lk.request_id in targets]
+    plain = [k for k, lk in enumerate(links) if lk.parent and k not in refused and k not in careful]
     now = timezone.now()
-    where, params = sql.in_list("u.request_id", ids)
-    # New rows that need a closer look: waiting for a parent, or already linked to (by rows
-    # that arrived before them). Others are resolved and cannot close a cycle.
-    special = sql.fetch(
-        f"""
-        SELECT u.request_id, u.parent_request_id, u.relationship, u.depth,
-               EXISTS (SELECT 1 FROM {sql.EDGES} e
-                       WHERE e.tenant = u.tenant AND e.to_request_id = u.request_id)
-        FROM {sql.USAGE} u
-        WHERE u.tenant = %s AND {where} AND (
-            (u.parent_request_id <> '' AND u.depth IS NULL)
-            OR EXISTS (SELECT 1 FROM {sql.EDGES} e
-                       WHERE e.tenant = u.tenant AND e.to_request_id = u.request_id))
-        """,
-        [tenant, *params],
-    )
-    # Rows with a parent that are waiting or linked to: the only ones whose link can close a
-    # cycle (a resolved row's chain ends at a root). A cycle of waiting rows alone is found
-    # here; one through an older edge enters a linked row, which is walked in SQL below.
-    careful = {r[0]: r for r in special if r[1]}
-    refused = _cycles_among({rid: r[1] for rid, r in careful.items()})
-    linked = [r for r in careful.values() if r[4] and r[0] not in refused]
-    held = [*refused, *(r[0] for r in linked)]
-    not_held, held_params = sql.in_list("u.request_id", held) if held else ("1 = 0", [])
-    sql.execute(
-        f"""
-        INSERT INTO {sql.EDGES}
-            (tenant, from_request_id, to_request_id, type, is_tree, source, created_at, created_by)
-        SELECT u.tenant, u.request_id, u.parent_request_id,
-               CASE WHEN u.relationship = '' THEN %s ELSE u.relationship END,
-               %s, %s, %s, ''
-        FROM {sql.USAGE} u
-        WHERE u.tenant = %s AND {where} AND u.parent_request_id <> '' AND NOT ({not_held})
-        ON CONFLICT DO NOTHING
-        """,
-        [DEFAULT_TYPE, True, ProvenanceRelationship.Source.EVENT, now, tenant, *params,
-         *held_params],
-    )  # fmt: skip
-    for request_id, path in refused.items():
-        _refuse_link(tenant, careful[request_id], path)
-    for row in linked:
-        request_id, parent, relationship = row[0], row[1], row[2] or DEFAULT_TYPE
-        cycle = _cycle_path(tenant, request_id, parent)
-        if cycle is None:
-            ProvenanceRelationship.objects.bulk_create(
-                [_tree_edge(tenant, request_id, parent, relationship, now)],
-                ignore_conflicts=True,
-            )
+    _insert_tree_edges(tenant, [links[k] for k in plain], now)
+    for k in careful:  # linked to already: may close a cycle through older edges
+        path = refused.get(k) or _cycle_path(tenant, links[k].request_id, links[k].parent)
+        if path is None:
+            _insert_tree_edges(tenant, [links[k]], now)
         else:
-            _refuse_link(tenant, row, cycle)
-    if special:
-        resolve_waiting(tenant, [r[0] for r in special])
+            refused[k] = path
+    for k, path in refused.items():
+        # Acknowledged usage is stored whatever its link says: the link is refused, the
+        # request becomes a root, and the attempt is kept for pattern analysis.
+        logger.warning("refused a lineage link that would close a cycle: %s", cycle_text(path))
+        _event_attempt(tenant, links[k], path)
+        known[k] = _Known(0, links[k].root)
+    waiting_db = _resolve_below(tenant, links, known, refused, targets)
+    if waiting_db:
+        _update_depths(tenant, waiting_db)
+    return {
+        fresh[k][0]: (kn.depth, kn.root)
+        for k, kn in enumerate(known)
+        if kn.depth is not None and (kn.depth != links[k].depth or kn.root != links[k].root)
+    }
 
 
-def _cycles_among(parents: dict[str, str]) -> dict[str, list[str]]:
-    """Cycles of parent links among these rows alone: for each, the row refused (the greatest
-    id, so the choice does not depend on order) and the cycle's path."""
-    refused: dict[str, list[str]] = {}
-    done: set[str] = set()
-    for start in parents:
-        walk: list[str] = []
-        node: str | None = start
-        while node is not None and node in parents and node not in done:
-            if node in walk:
-                cycle = walk[walk.index(node) :]
-                last = max(cycle)
-                turn = cycle.index(last)
-                refused[last] = [*cycle[turn:], *cycle[:turn], last]
-                break
-            walk.append(node)
-            node = parents[node]
-        done.update(walk)
-    return refused
+def _resolve_below(
+    tenant: str,
+    links: list[hooks.Link],
+    known: list[_Known],
+    refused: dict[int, list[str]],
+    targets: set[str],
+) -> list[tuple[str, int, str]]:
+    """Resolve, level by level from the rows now known, the new rows (in `known`) and the
+    stored rows that waited for them; returns the stored ones' (request_id, depth, root)."""
+    waiting_here: dict[str, list[int]] = defaultdict(list)
+    for k, link in enumerate(links):
+        if known[k].depth is None and link.parent:
+            waiting_here[link.parent].append(k)
+    # Level 0: new rows known now that something waits for (here, or stored: `targets`).
+    frontier = {
+        lk.request_id: known[k]
+        for k, lk in enumerate(links)
+        if known[k].depth is not None
+        and (lk.request_id in waiting_here or lk.request_id in targets or k in refused)
+    }
+    new_ids = {lk.request_id for lk in links}
+    found: list[tuple[str, int, str]] = []
+    while frontier:
+        nxt: dict[str, _Known] = {}
+        for parent_id, up in frontier.items():
+            for k in waiting_here.pop(parent_id, []):
+                known[k] = _below(up, parent_id, links[k].root)
+                nxt[links[k].request_id] = known[k]
+        # Stored rows wait only below a stored row resolved here, or a new one linked to.
+        ask = [rid for rid in frontier if rid not in new_ids or rid in targets]
+        for rid, root, parent_id in _waiting_children(tenant, ask):
+            below = _below(frontier[parent_id], parent_id, root)
+            found.append((rid, below.depth, below.root))  # type: ignore[arg-type]
+            nxt[rid] = below
+        frontier = nxt
+    return found
 
 
-def _refuse_link(tenant: str, row: tuple[Any, ...], path: list[str]) -> None:
-    # Acknowledged usage is stored whatever its link says: the link is refused, the request
-    # becomes a root, and the attempt is kept for pattern analysis.
-    request_id, parent, relationship = row[0], row[1], row[2] or DEFAULT_TYPE
-    logger.warning("refused a lineage link that would close a cycle: %s", cycle_text(path))
-    _attempt(
-        tenant,
-        request_id,
-        parent,
-        relationship,
-        path,
-        source=ProvenanceRelationship.Source.EVENT,
-        by="",
-    )
-    sql.execute(
-        f"UPDATE {sql.USAGE} SET depth = 0 WHERE tenant = %s AND request_id = %s",
-        [tenant, request_id],
-    )
-
-
-def _tree_edge(
-    tenant: str, from_id: str, to_id: str, type_: str, now: Any
-) -> ProvenanceRelationship:
-    return ProvenanceRelationship(
-        tenant=tenant,
-        from_request_id=from_id,
-        to_request_id=to_id,
-        type=type_,
-        is_tree=True,
-        source=ProvenanceRelationship.Source.EVENT,
-        created_at=now,
-    )
-
-
-def resolve_waiting(tenant: str, ids: list[str]) -> int:
-    """Depth and root of the waiting rows among `ids` and of every waiting row below them, from
-    the nearest ancestor whose depth is known; returns how many rows were resolved."""
-    child_in, p1 = sql.in_list("c.request_id", ids)
-    parent_in, p2 = sql.in_list("p.request_id", ids)
-    resolved = sql.fetch(
-        f"""
-        WITH RECURSIVE fix(node, depth, root) AS (
-            SELECT c.request_id, p.depth + 1,
-                   CASE WHEN c.root_request_id <> '' THEN c.root_request_id
-                        WHEN p.root_request_id <> '' THEN p.root_request_id
-                        ELSE p.request_id END
-            FROM {sql.EDGES} e
-            JOIN {sql.USAGE} c ON c.tenant = e.tenant AND c.request_id = e.from_request_id
-            JOIN {sql.USAGE} p ON p.tenant = e.tenant AND p.request_id = e.to_request_id
-            WHERE e.tenant = %s AND e.is_tree AND c.depth IS NULL AND p.depth IS NOT NULL
-              AND ({child_in} OR {parent_in})
-            UNION ALL
-            SELECT e.from_request_id, fix.depth + 1,
-                   CASE WHEN c.root_request_id <> '' THEN c.root_request_id ELSE fix.root END
-            FROM fix
-            JOIN {sql.EDGES} e ON e.tenant = %s AND e.to_request_id = fix.node AND e.is_tree
-            JOIN {sql.USAGE} c ON c.tenant = e.tenant AND c.request_id = e.from_request_id
-            WHERE c.depth IS NULL
+def _waiting_children(tenant: str, parent_ids: list[str]) -> list[tuple[str, str, str]]:
+    """(request_id, root_request_id, parent) of stored rows waiting for one of `parent_ids`
+    (served by usage_lineage_pending_idx)."""
+    if not parent_ids:
+        return []
+    where, params = sql.in_list("parent_request_id", parent_ids)
+    return [
+        (rid, root, parent)
+        for rid, root, parent in sql.fetch(
+            f"SELECT request_id, root_request_id, parent_request_id FROM {sql.USAGE} "
+            f"WHERE tenant = %s AND depth IS NULL AND {where}",
+            [tenant, *params],
         )
-        SELECT node, depth, root FROM fix
-        """,
-        [tenant, *p1, *p2, tenant],
+    ]
+
+
+def _insert_tree_edges(tenant: str, links: list[hooks.Link], now: Any) -> None:
+    if not links:
+        return
+    if connection.vendor == "postgresql":
+        # One statement with array parameters, however many edges.
+        sql.execute(
+            f"""
+            INSERT INTO {sql.EDGES} (tenant, from_request_id, to_request_id, type, is_tree,
+                                     source, created_at, created_by)
+            SELECT %s, f, t, y, true, %s, %s, ''
+            FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS x(f, t, y)
+            ON CONFLICT DO NOTHING
+            """,
+            [
+                tenant,
+                ProvenanceRelationship.Source.EVENT.value,
+                now,
+                [lk.request_id for lk in links],
+                [lk.parent for lk in links],
+                [lk.relationship or DEFAULT_TYPE for lk in links],
+            ],
+        )
+        return
+    ProvenanceRelationship.objects.bulk_create(
+        [
+            ProvenanceRelationship(
+                tenant=tenant,
+                from_request_id=lk.request_id,
+                to_request_id=lk.parent,
+                type=lk.relationship or DEFAULT_TYPE,
+                is_tree=True,
+                source=ProvenanceRelationship.Source.EVENT,
+                created_at=now,
+            )
+            for lk in links
+        ],
+        ignore_conflicts=True,
+        batch_size=500,
     )
-    if not resolved:
-        return 0
+
+
+def _update_depths(tenant: str, rows: list[tuple[str, int, str]]) -> None:
+    """Stored waiting rows get their depth and root (one statement on PostgreSQL)."""
+    if connection.vendor == "postgresql":
+        sql.execute(
+            f"""
+            UPDATE {sql.USAGE} u SET depth = v.depth, root_request_id = v.root
+            FROM unnest(%s::varchar[], %s::int[], %s::varchar[]) AS v(node, depth, root)
+            WHERE u.tenant = %s AND u.request_id = v.node AND u.depth IS NULL
+            """,
+            [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], tenant],
+        )
+        return
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {sql.USAGE} SET depth = %s, root_request_id = %s "
             "WHERE tenant = %s AND request_id = %s AND depth IS NULL",
-            [(depth, root, tenant, node) for node, depth, root in resolved],
+            [(depth, root, tenant, rid) for rid, depth, root in rows],
         )
-    return len(resolved)
 
 
 # --- the relationships API ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from usage import services
 
-# Per operation: 26 operations x 40 = ~1,000 generated requests (positive and negative), about a
+# Per operation: 33 operations x 40 = ~1,300 generated requests (positive and negative), about a
 # minute of CPU on the 2-core CI machine.
 MAX_EXAMPLES = 40
 # Only these act on a person's own authority (deciding overrides); everything else runs with

@@ -80,6 +80,18 @@ class Refusal:
     conflict: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """The lineage fields of a ledger row about to be inserted."""
+
+    tenant: str
+    request_id: str
+    parent: str  # '' for a root
+    root: str
+    relationship: str
+    depth: int | None  # None: its parent's depth was not known when it was accepted
+
+
 class Lineage(Protocol):
     """How provenance takes part in ingestion (it registers itself in ready())."""
 
@@ -88,17 +100,19 @@ class Lineage(Protocol):
         attempts, must not write the ledger): the rows with depth and root filled in where the
         parent is known, and per row the refusal (None keeps it)."""
 
-    def stored(self, keys: set[tuple[str, str]]) -> None:
-        """Inside the transaction that inserted these (tenant, request_id) rows, after they are
-        in: record their links, resolve what waited for them. Must not refuse a row."""
+    def storing(self, links: list[Link]) -> dict[int, tuple[int, str]]:
+        """Inside the transaction that inserts these rows, just before they go in (from here to
+        the commit, inserts of the same tenants wait for this one): record the rows' links and
+        resolve what waited for them. Returns, by index, the (depth, root) a row is stored with
+        where that differs from its own. Must not refuse a row."""
 
 
 class _NoLineage:
     def prepare(self, rows: list[Row], *, tenant: str) -> tuple[list[Row], list[Refusal | None]]:
         return rows, [None for _row in rows]
 
-    def stored(self, keys: set[tuple[str, str]]) -> None:
-        return None
+    def storing(self, links: list[Link]) -> dict[int, tuple[int, str]]:
+        return {}
 
 
 _lineage: Lineage = _NoLineage()

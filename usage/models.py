@@ -97,7 +97,7 @@ class TokenUsage(models.Model):
     output_hash = models.CharField(max_length=128, blank=True, default="")
     cache_hit = models.BooleanField(null=True, blank=True)
     # Lineage (SPEC §6): 0 for a root; None while the parent has not arrived (out-of-order
-    # ingestion), until provenance.services.lineage_record resolves it and root_request_id.
+    # ingestion), until provenance (ProvenanceLineage.storing) resolves it and root_request_id.
     depth = models.IntegerField(null=True, blank=True, default=0)
     agent_type = models.CharField(max_length=128, blank=True, default="")
     workflow_step = models.CharField(max_length=128, blank=True, default="")
@@ -148,7 +148,7 @@ class TokenUsage(models.Model):
             models.Index(fields=["workflow_id", "occurred_at"], name="usage_workflow_time_idx"),
             # usage_list filtered by provider and/or model.
             models.Index(fields=["provider", "model", "occurred_at"], name="usage_model_time_idx"),
-            # provenance.services.lineage_record: rows waiting for their parent's depth and root.
+            # provenance.services.ProvenanceLineage.storing: rows waiting for their parent (depth).
             models.Index(
                 fields=["tenant", "parent_request_id"],
                 condition=Q(depth__isnull=True),

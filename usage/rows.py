@@ -112,6 +112,36 @@ def tenant_by_attribution(team_id: str, project_id: str) -> str:
 
 
 _TEAM, _PROJECT = ROW_COLUMNS.index("team_id"), ROW_COLUMNS.index("project_id")
+_ROOT, _REL, _DEPTH = (
+    ROW_COLUMNS.index("root_request_id"),
+    ROW_COLUMNS.index("relationship"),
+    ROW_COLUMNS.index("depth"),
+)
+# Fields up to and including depth: what line_lineage needs to split off.
+_LINEAGE_SPLITS = _DEPTH + 1
+
+
+def line_lineage(line: str) -> tuple[str, str, str, str, int | None]:
+    """(request_id, parent_request_id, root_request_id, relationship, depth) of a line."""
+    f = line.split("\t", _LINEAGE_SPLITS)
+    depth = None if f[_DEPTH] == "\\N" else int(f[_DEPTH])
+    return _unescape(f[0]), _unescape(f[_PARENT]), _unescape(f[_ROOT]), f[_REL], depth
+
+
+def row_lineage(row: Row) -> tuple[str, str, str, str, int | None]:
+    return row[0], row[_PARENT], row[_ROOT], row[_REL], row[_DEPTH]
+
+
+def line_with_lineage(line: str, depth: int, root: str) -> str:
+    f = line.split("\t")
+    f[_DEPTH], f[_ROOT] = str(depth), root.translate(_ESCAPES)
+    return "\t".join(f)
+
+
+def row_with_lineage(row: Row, depth: int | None, root: str) -> Row:
+    values = list(row)
+    values[_DEPTH], values[_ROOT] = depth, root
+    return tuple(values)
 
 
 def _lineage_defaults(parent_field: str) -> list[str]:

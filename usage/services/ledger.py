@@ -13,7 +13,7 @@ from django.utils import timezone
 from usage import hooks
 from usage import rows as rows_codec
 from usage.models import TokenUsage
-from usage.rows import JSON_COLS, ROW_COLUMNS, Row
+from usage.rows import JSON_COLS, ROW_COLUMNS, TENANT_COL, Row
 from usage.services.config import manager_config
 
 _TABLE = TokenUsage._meta.db_table
@@ -39,17 +39,22 @@ Key = tuple[str, str]  # (tenant, request_id): what identifies a ledger row
 
 def usage_rows_insert(rows: list[Row]) -> set[Key]:
     """Insert ledger rows unless their (tenant, request_id) exists; returns the keys inserted.
-    In the same transaction the lineage hook records what the new rows link to."""
+    In the same transaction, just before, the lineage hook records what the rows link to."""
     if not rows:
         return set()
     if connection.vendor == "postgresql" and len(rows) >= _COPY_THRESHOLD:
         return usage_lines_insert([rows_codec.encode_line(row) for row in rows])
     inserted: set[Key] = set()
     with transaction.atomic():
+        links = [hooks.Link(row[TENANT_COL], *rows_codec.row_lineage(row)) for row in rows]
+        changed = hooks.lineage().storing(links)
+        if changed:
+            rows = [
+                rows_codec.row_with_lineage(row, *changed[i]) if i in changed else row
+                for i, row in enumerate(rows)
+            ]
         for start in range(0, len(rows), _VALUES_CHUNK):
             inserted |= _insert_values(rows[start : start + _VALUES_CHUNK])
-        if inserted:
-            hooks.lineage().stored(inserted)
     return inserted
 
 
@@ -59,18 +64,31 @@ def usage_lines_insert(lines: list[str]) -> set[Key]:
         return set()
     if connection.vendor != "postgresql":
         return usage_rows_insert([rows_codec.decode_line(line) for line in lines])
-    data = "\n".join(lines) + "\n"
     try:
         # Nearly always nothing conflicts (Redis claimed every id): COPY straight into the ledger.
         with transaction.atomic(), connection.cursor() as cursor:
+            data = _with_links(lines)
             with cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy:
                 copy.write(data)
-            keys = {rows_codec.line_key(line) for line in lines}
-            hooks.lineage().stored(keys)
-        return keys
+        return {rows_codec.line_key(line) for line in lines}
     except psycopg.errors.UniqueViolation:
         # A re-claimed entry or an old repeat: stage, then insert only the absent rows.
-        return _insert_staged(data)
+        return _insert_staged(lines)
+
+
+def _with_links(lines: list[str]) -> str:
+    """The COPY data of `lines` once the lineage hook has recorded their links (inside the
+    insert's transaction), with the depth and root it resolved."""
+    links = [
+        hooks.Link(rows_codec.line_key(line)[0], *rows_codec.line_lineage(line)) for line in lines
+    ]
+    changed = hooks.lineage().storing(links)
+    if changed:
+        lines = [
+            rows_codec.line_with_lineage(line, *changed[i]) if i in changed else line
+            for i, line in enumerate(lines)
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _insert_values(rows: list[Row]) -> set[Key]:
@@ -95,8 +113,9 @@ def _insert_values(rows: list[Row]) -> set[Key]:
         return {(r[0], r[1]) for r in cursor.fetchall()}
 
 
-def _insert_staged(data: str) -> set[Key]:
+def _insert_staged(lines: list[str]) -> set[Key]:
     with transaction.atomic(), connection.cursor() as cursor:
+        data = _with_links(lines)
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS usage_stage ON COMMIT DELETE ROWS AS "
             f"SELECT {_COLS} FROM {_TABLE} WITH NO DATA"
@@ -109,8 +128,6 @@ def _insert_staged(data: str) -> set[Key]:
         )
         inserted = {(r[0], r[1]) for r in cursor.fetchall()}
         cursor.execute("TRUNCATE usage_stage")
-        if inserted:
-            hooks.lineage().stored(inserted)
         return inserted
 
 
