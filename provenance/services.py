@@ -24,7 +24,7 @@ from tokenmgr_project.core.principal import Principal
 from usage import hooks
 from usage.hooks import Refusal
 from usage.models import RelationshipType
-from usage.rows import Row, row_lineage, row_with_lineage
+from usage.rows import Row, copy_text, row_lineage, row_with_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,16 @@ def _stored_rows(tenant: str, ids: Sequence[str]) -> dict[str, _Known]:
     return {rid: _Known(depth, root) for rid, depth, root in rows}
 
 
-def _edges_into(tenant: str, ids: Sequence[str]) -> set[str]:
-    """Those of `ids` that some edge already points to (their children arrived first)."""
+def _waited_for(tenant: str, ids: Sequence[str]) -> set[str]:
+    """Those of `ids` that stored rows wait for (their children arrived first). They are the
+    only new requests an edge can already point to: relationships through the API join
+    recorded requests, and a child whose parent was absent waits (usage_lineage_pending_idx)."""
     if not ids:
         return set()
-    where, params = sql.in_list("to_request_id", ids)
+    where, params = sql.in_list("parent_request_id", ids)
     rows = sql.fetch(
-        f"SELECT DISTINCT to_request_id FROM {sql.EDGES} WHERE tenant = %s AND {where}",
+        f"SELECT DISTINCT parent_request_id FROM {sql.USAGE} "
+        f"WHERE tenant = %s AND depth IS NULL AND {where}",
         [tenant, *params],
     )
     return {r[0] for r in rows}
@@ -181,7 +184,7 @@ class ProvenanceLineage:
         stored = _stored_rows(tenant, sorted({lk.parent for lk in links if lk.parent} - mine))
         known, cycles = _derive(links, stored)
         # Only a request something already links to can close a cycle through stored edges.
-        targets = _edges_into(tenant, [lk.request_id for lk in links if lk.parent])
+        targets = _waited_for(tenant, [lk.request_id for lk in links if lk.parent])
         refusals: list[Refusal | None] = [None for _row in rows]
         out = list(rows)
         for i, link in enumerate(links):
@@ -202,14 +205,17 @@ class ProvenanceLineage:
                 out[i] = row_with_lineage(out[i], None, known[i].root)  # still waits
         return out, refusals
 
-    def storing(self, links: list[hooks.Link]) -> dict[int, tuple[int, str]]:
+    def storing(
+        self, links: list[hooks.Link], *, new_only: bool = False
+    ) -> dict[int, tuple[int, str]]:
         by_tenant: dict[str, list[int]] = defaultdict(list)
         for i, link in enumerate(links):
             by_tenant[link.tenant].append(i)
         changed: dict[int, tuple[int, str]] = {}
         for tenant in sorted(by_tenant):  # one order everywhere: two inserts cannot deadlock
             _serialise(tenant)
-            changed.update(_store_links(tenant, [(i, links[i]) for i in by_tenant[tenant]]))
+            items = [(i, links[i]) for i in by_tenant[tenant]]
+            changed.update(_store_links(tenant, items, new_only=new_only))
         return changed
 
 
@@ -224,24 +230,26 @@ def _serialise(tenant: str) -> None:
         sql.fetch("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_LOCK_CLASS, tenant])
 
 
-def _store_links(tenant: str, items: list[tuple[int, hooks.Link]]) -> dict[int, tuple[int, str]]:
+def _store_links(
+    tenant: str, items: list[tuple[int, hooks.Link]], *, new_only: bool
+) -> dict[int, tuple[int, str]]:
     """One tenant's part of `storing`: tree edges for the rows' links (none closing a cycle),
     then the depth and root of every row that waited for one of them, level by level."""
-    ids = [link.request_id for _i, link in items]
+    ids = {link.request_id for _i, link in items}
     parents = {link.parent for _i, link in items if link.parent}
-    present = _stored_rows(tenant, sorted(set(ids) | parents))
+    present = _stored_rows(tenant, sorted(parents - ids if new_only else ids | parents))
     # A row the ledger holds already is a duplicate: the insert leaves it out, and so do we.
     fresh = [(i, link) for i, link in items if link.request_id not in present]
     if not fresh:
         return {}
     links = [link for _i, link in fresh]
     known, cycles = _derive(links, present)
-    targets = _edges_into(tenant, [link.request_id for link in links])
+    targets = _waited_for(tenant, [link.request_id for link in links])
     refused: dict[int, list[str]] = dict(cycles)
     careful = [k for k, lk in enumerate(links) if lk.parent and lk.request_id in targets]
     plain = [k for k, lk in enumerate(links) if lk.parent and k not in refused and k not in careful]
     now = timezone.now()
-    _insert_tree_edges(tenant, [links[k] for k in plain], now)
+    _insert_tree_edges(tenant, [links[k] for k in plain], now, new_only=new_only)
     for k in careful:  # linked to already: may close a cycle through older edges
         path = refused.get(k) or _cycle_path(tenant, links[k].request_id, links[k].parent)
         if path is None:
@@ -318,15 +326,38 @@ def _waiting_children(tenant: str, parent_ids: list[str]) -> list[tuple[str, str
     ]
 
 
-def _insert_tree_edges(tenant: str, links: list[hooks.Link], now: Any) -> None:
+_EDGE_COLUMNS = (
+    "tenant, from_request_id, to_request_id, type, is_tree, source, created_at, created_by"
+)
+
+
+def _insert_tree_edges(
+    tenant: str, links: list[hooks.Link], now: Any, *, new_only: bool = False
+) -> None:
+    """`new_only`: the edges' requests are all new (an edge from one cannot exist yet), so they
+    are COPYed; a conflict anyway fails the whole insert, which the ledger then retries
+    row by row (usage.services.ledger._insert_staged)."""
     if not links:
+        return
+    if connection.vendor == "postgresql" and new_only:
+        head = f"{copy_text(tenant)}\t"
+        tail = f"\tt\t{ProvenanceRelationship.Source.EVENT.value}\t{now.isoformat()}\t\n"
+        data = "".join(
+            f"{head}{copy_text(lk.request_id)}\t{copy_text(lk.parent)}\t"
+            f"{lk.relationship or DEFAULT_TYPE}{tail}"
+            for lk in links
+        )
+        with (
+            connection.cursor() as cursor,
+            cursor.cursor.copy(f"COPY {sql.EDGES} ({_EDGE_COLUMNS}) FROM STDIN") as copy,
+        ):
+            copy.write(data)
         return
     if connection.vendor == "postgresql":
         # One statement with array parameters, however many edges.
         sql.execute(
             f"""
-            INSERT INTO {sql.EDGES} (tenant, from_request_id, to_request_id, type, is_tree,
-                                     source, created_at, created_by)
+            INSERT INTO {sql.EDGES} ({_EDGE_COLUMNS})
             SELECT %s, f, t, y, true, %s, %s, ''
             FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS x(f, t, y)
             ON CONFLICT DO NOTHING

@@ -100,18 +100,19 @@ class Lineage(Protocol):
         attempts, must not write the ledger): the rows with depth and root filled in where the
         parent is known, and per row the refusal (None keeps it)."""
 
-    def storing(self, links: list[Link]) -> dict[int, tuple[int, str]]:
+    def storing(self, links: list[Link], *, new_only: bool = False) -> dict[int, tuple[int, str]]:
         """Inside the transaction that inserts these rows, just before they go in (from here to
         the commit, inserts of the same tenants wait for this one): record the rows' links and
         resolve what waited for them. Returns, by index, the (depth, root) a row is stored with
-        where that differs from its own. Must not refuse a row."""
+        where that differs from its own. Must not refuse a row. `new_only`: the insert fails
+        if any of them is stored already (no need to look)."""
 
 
 class _NoLineage:
     def prepare(self, rows: list[Row], *, tenant: str) -> tuple[list[Row], list[Refusal | None]]:
         return rows, [None for _row in rows]
 
-    def storing(self, links: list[Link]) -> dict[int, tuple[int, str]]:
+    def storing(self, links: list[Link], *, new_only: bool = False) -> dict[int, tuple[int, str]]:
         return {}
 
 

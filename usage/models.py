@@ -160,9 +160,11 @@ class TokenUsage(models.Model):
                 condition=~Q(input_hash=""),
                 name="usage_input_hash_idx",
             ),
-            # provenance.selectors.deep_chains: rows deeper than the limit (few) in a range.
+            # provenance.selectors.deep_chains: rows deeper than the limit (few) in a range; for
+            # limits from the default (TOKENMGR_PROVENANCE_DEEP_CHAIN, 8) up. Shallower rows, most
+            # of a busy ledger, stay out of it.
             models.Index(
-                fields=["depth", "occurred_at"], condition=Q(depth__gt=1), name="usage_depth_idx"
+                fields=["depth", "occurred_at"], condition=Q(depth__gt=8), name="usage_depth_idx"
             ),
             # health_snapshot: count of unpriced rows without scanning the ledger.
             models.Index(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -71,8 +72,11 @@ IsoDateTime = Annotated[datetime, BeforeValidator(_iso_text)]
 Instant = Annotated[datetime, BeforeValidator(_iso_text), AfterValidator(_storable_instant)]
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
 def _no_control_chars(value: str) -> str:
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL_CHARS.search(value):
         raise ValueError("must not contain control characters")
     return value
 
@@ -343,7 +347,7 @@ def _text_hash(given: str, text: str | None, which: str, errors: FieldErrors) ->
 def _link_errors(request_id: str, prov: ProvenanceIn, errors: FieldErrors) -> None:
     for name in _PROVENANCE_IDS:
         value = getattr(prov, name)
-        if value and (not value.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)):
+        if value and (not value.strip() or _CONTROL_CHARS.search(value)):
             errors.setdefault(f"provenance.{name}", []).append(
                 "Must be a request id: printable, not blank, without control characters."
             )

@@ -58,3 +58,13 @@ def test_a_line_buffered_before_the_lineage_columns_gets_their_defaults() -> Non
     root = _row(request_id="root", tenant="org")
     fields = encode_line(root).split("\t")
     assert decode_line("\t".join(fields[: PRE_LINEAGE_COLUMNS - 1] + fields[-1:])) == root
+
+
+def test_a_plain_row_takes_the_fast_path_and_survives_the_round_trip() -> None:
+    row = _row(
+        request_id="plain-1", model="gpt-4o", latency_ms=120, cache_hit=False, depth=3,
+        metadata={"k": [1, 2]}, system_context={"env": "prod"}, parent_request_id="p",
+    )  # fmt: skip
+    line = encode_line(row)
+    assert line.count("\t") == len(ROW_COLUMNS) - 1
+    assert decode_line(line) == row

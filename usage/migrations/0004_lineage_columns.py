@@ -50,6 +50,6 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='tokenusage',
-            index=models.Index(condition=models.Q(('depth__gt', 1)), fields=['depth', 'occurred_at'], name='usage_depth_idx'),
+            index=models.Index(condition=models.Q(('depth__gt', 8)), fields=['depth', 'occurred_at'], name='usage_depth_idx'),
         ),
     ]

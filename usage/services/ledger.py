@@ -67,7 +67,7 @@ def usage_lines_insert(lines: list[str]) -> set[Key]:
     try:
         # Nearly always nothing conflicts (Redis claimed every id): COPY straight into the ledger.
         with transaction.atomic(), connection.cursor() as cursor:
-            data = _with_links(lines)
+            data = _with_links(lines, new_only=True)  # COPY fails on any duplicate
             with cursor.cursor.copy(f"COPY {_TABLE} ({_COLS}) FROM STDIN") as copy:
                 copy.write(data)
         return {rows_codec.line_key(line) for line in lines}
@@ -76,13 +76,13 @@ def usage_lines_insert(lines: list[str]) -> set[Key]:
         return _insert_staged(lines)
 
 
-def _with_links(lines: list[str]) -> str:
+def _with_links(lines: list[str], *, new_only: bool = False) -> str:
     """The COPY data of `lines` once the lineage hook has recorded their links (inside the
     insert's transaction), with the depth and root it resolved."""
     links = [
         hooks.Link(rows_codec.line_key(line)[0], *rows_codec.line_lineage(line)) for line in lines
     ]
-    changed = hooks.lineage().storing(links)
+    changed = hooks.lineage().storing(links, new_only=new_only)
     if changed:
         lines = [
             rows_codec.line_with_lineage(line, *changed[i]) if i in changed else line
