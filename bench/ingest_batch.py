@@ -7,9 +7,11 @@ PostgreSQL COPY rate measured in the same run.
     .venv/bin/python bench/ingest_batch.py                 # Redis buffer + celery worker/beat
     .venv/bin/python bench/ingest_batch.py --mode direct   # no REDIS_URL: rows inserted in-request
     .venv/bin/python bench/ingest_batch.py --live          # with the staff dashboard stream live
+    .venv/bin/python bench/ingest_batch.py --provenance    # every event names a parent
 
 Issue 10's condition on it: still >= 25 % of the same run's raw COPY rate with the dashboard
-stream live (--live).
+stream live (--live). The provenance issue's: still >= 25 % of the same run's raw COPY rate
+with every event carrying provenance (--provenance).
 
 What it does (127.0.0.1 only; everything it starts is stopped again, also on error/Ctrl-C):
   1. drops/creates database `tokenmgr_bench`, starts its own Redis (AOF on), migrates, creates
@@ -31,6 +33,18 @@ With --live (redis mode only), before step 5 it also starts the live-status broa
 superuser's session cookie) in a process of their own (bench/_live_clients.py), and reports the
 dashboard updates they received while the events went in (per client: how many, how often, the
 longest silence).
+With --provenance every event carries `provenance` with a parent and a relationship: each batch
+holds trees of 5-40 requests whose top names a request of an earlier batch (or a warm-up row,
+for the first ones; at most 3 deep, so no chain grows past 8) and whose other requests name one
+earlier in the same tree; relationships triggered_by / tool_call_of / part_of / retry_of /
+derived_from (follow_up_of or part_of for a top), agent_type and workflow_step on most, an
+input_hash on 40 %, a small system_context on 20 %. A top whose parent is not in the ledger
+yet when its batch is accepted (still in the Redis buffer, or in a batch in flight) waits with
+its tree (depth unknown) until the parent's flush resolves it, as in production, where a child
+request often ends, and is reported, before its parent. The warm-up then also sends such
+trees, the raw COPY clones a row that has a parent (the same layout, lineage columns filled in),
+and the check also asks that every event got its tree edge and exactly the depth and root its
+place in the trees gives it.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import http.client
 import io
 import itertools
 import json
+import random
 import re
 import secrets
 import sys
@@ -54,6 +69,7 @@ from _live_clients import LiveClients, dashboard_summary
 
 TARGET_EVENTS_PER_S = 20_000
 TARGET_COPY_SHARE_LIVE = 0.25  # issue 10: >= 25 % of raw COPY (write_row) with the stream live
+TARGET_COPY_SHARE_PROVENANCE = 0.25  # provenance: >= 25 % of raw COPY with every event linked
 LIVE_DASHBOARDS = 5
 REDIS_DB = 5
 DEPTH_KEY = "tokenmgr:usage:depth"
@@ -83,6 +99,80 @@ def make_bodies(prefix: str, n_events: int, batch: int) -> list[tuple[bytes, int
         events = [event(f"{prefix}-{i}", i) for i in range(start, start + size)]
         bodies.append((json.dumps({"events": events}, separators=(",", ":")).encode(), size))
     return bodies
+
+
+# Relationship of a request to its parent inside a tree; a tree's top relates to an earlier one.
+_TREE_RELATIONSHIPS = (
+    ("triggered_by", 0.55), ("tool_call_of", 0.25), ("part_of", 0.1), ("retry_of", 0.05),
+    ("derived_from", 0.05),
+)  # fmt: skip
+_AGENT_STEPS = (("orchestrator", "route"), ("planner", "plan"), ("tool", "retrieve"),
+                ("tool", "execute"), ("worker", "answer"), ("reviewer", "review"))  # fmt: skip
+MAX_TOP_DEPTH = 3  # a tree hangs from a request at most this deep
+TREE_LEVELS = 5  # levels inside one tree below its top
+
+
+def _pick(rng: random.Random, weighted: tuple[tuple[str, float], ...]) -> str:
+    x = rng.random()
+    for value, weight in weighted:
+        x -= weight
+        if x < 0:
+            return value
+    return weighted[-1][0]
+
+
+class Trees:
+    """Batches of provenance events (see --provenance), and the depth and root each request
+    must end up with. `anchors`: requests already in the ledger (roots) the first trees hang
+    from."""
+
+    def __init__(self, anchors: list[str], seed: int = 1):
+        self.rng = random.Random(seed)
+        self.shallow: list[tuple[str, int]] = [(a, 0) for a in anchors]  # (id, depth)
+        self.expected: dict[str, tuple[int, str]] = {a: (0, a) for a in anchors}
+
+    def bodies(self, prefix: str, n_events: int, batch: int) -> list[tuple[bytes, int]]:
+        rng, i = self.rng, 0
+        out: list[tuple[bytes, int]] = []
+        for start in range(0, n_events, batch):
+            size = min(batch, n_events - start)
+            events: list[dict[str, Any]] = []
+            new_shallow: list[tuple[str, int]] = []
+            while len(events) < size:
+                top, top_depth = self.shallow[-1 - rng.randrange(min(len(self.shallow), 10_000))]
+                root = self.expected[top][1]
+                tree: list[tuple[str, int]] = []
+                workflow = f"{prefix}-wf{i}"
+                for k in range(min(rng.randint(5, 40), size - len(events))):
+                    rid = f"{prefix}-{i}"
+                    if k == 0:
+                        parent, depth = top, top_depth + 1
+                        rel = "follow_up_of" if top_depth == 0 else "part_of"
+                    else:
+                        parent, pdepth = rng.choice(
+                            [n for n in tree if n[1] < top_depth + TREE_LEVELS]
+                        )
+                        depth, rel = pdepth + 1, _pick(rng, _TREE_RELATIONSHIPS)
+                    ev = event(rid, i)
+                    ev["workflow_id"] = workflow
+                    prov: dict[str, Any] = {"parent_request_id": parent, "relationship": rel}
+                    if rng.random() < 0.7:
+                        agent_type, step = _AGENT_STEPS[rng.randrange(len(_AGENT_STEPS))]
+                        prov.update(agent_type=agent_type, workflow_step=step)
+                    if rng.random() < 0.4:
+                        prov["input_hash"] = f"{rng.getrandbits(256):064x}"
+                    if rng.random() < 0.2:
+                        prov["system_context"] = {"env": "prod", "prompt_version": i % 7}
+                    ev["provenance"] = prov
+                    events.append(ev)
+                    self.expected[rid] = (depth, root)
+                    tree.append((rid, depth))
+                    if depth <= MAX_TOP_DEPTH:
+                        new_shallow.append((rid, depth))
+                    i += 1
+            self.shallow.extend(new_shallow)
+            out.append((json.dumps({"events": events}, separators=(",", ":")).encode(), size))
+        return out
 
 
 # --- the HTTP load ------------------------------------------------------------------------------
@@ -171,12 +261,16 @@ def insertable_columns(conn: Any) -> list[str]:
     return [r[0] for r in rows]
 
 
-def copy_bench(stack: h.Stack, n_rows: int) -> dict[str, float]:
-    """COPY n_rows rows shaped like a row the app wrote into fresh LIKE-copies of the ledger."""
+def copy_bench(stack: h.Stack, n_rows: int, *, linked: bool = False) -> dict[str, float]:
+    """COPY n_rows rows shaped like a row the app wrote into fresh LIKE-copies of the ledger
+    (`linked`: a row with a parent, its lineage columns filled in)."""
     with stack.pg() as conn:
         cols = insertable_columns(conn)
         col_sql = ", ".join(cols)
-        template = list(conn.execute(f"SELECT {col_sql} FROM usage_tokenusage LIMIT 1").fetchone())
+        where = "WHERE parent_request_id <> '' AND depth IS NOT NULL" if linked else ""
+        template = list(
+            conn.execute(f"SELECT {col_sql} FROM usage_tokenusage {where} LIMIT 1").fetchone()
+        )
         for i, v in enumerate(template):
             if isinstance(v, (dict, list)):  # jsonb: the app sends JSON text, so do we
                 template[i] = json.dumps(v, separators=(",", ":"))
@@ -253,16 +347,25 @@ def wait_count(stack: h.Stack, expected: int, timeout: float) -> int:
             time.sleep(0.1)
 
 
-def warm_up(stack: h.Stack, port: int, workers: int) -> int:
-    """Concurrent small batches so every uvicorn worker has loaded prices, the key, etc."""
+def warm_up(stack: h.Stack, port: int, workers: int, trees: bool = False) -> tuple[int, Any]:
+    """Concurrent small batches so every uvicorn worker has loaded prices, the key, etc.
+    `trees`: then provenance batches hanging from those; returns (events, Trees or None)."""
     n_req, size = max(4, workers * 4), 200
-    sender = Sender(
-        port, stack.key, make_bodies("warm-" + secrets.token_hex(3), n_req * size, size), 8
-    )
-    sender.start().join()
-    if sender.errors or sender.bad_batches:
-        raise RuntimeError(f"warm-up failed: {(sender.errors + sender.bad_batches)[:3]}")
-    return n_req * size
+    prefix = "warm-" + secrets.token_hex(3)
+    rounds = [make_bodies(prefix, n_req * size, size)]
+    gen = Trees([f"{prefix}-{i}" for i in range(n_req * size)]) if trees else None
+    if gen is not None:
+        rounds.append(gen.bodies(prefix + "-tree", n_req * size, size))
+    total = 0
+    for bodies in rounds:
+        sender = Sender(port, stack.key, bodies, 8)
+        sender.start().join()
+        if sender.errors or sender.bad_batches:
+            raise RuntimeError(f"warm-up failed: {(sender.errors + sender.bad_batches)[:3]}")
+        total += n_req * size
+        if wait_count(stack, total, 60) != total:  # the trees' tops name these rows
+            raise RuntimeError("warm-up events did not reach the ledger")
+    return total, gen
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -288,6 +391,29 @@ def wait_visible(
     return None
 
 
+def lineage_check(conn: Any, prefix: str, expected: dict[str, tuple[int, str]]) -> dict[str, int]:
+    """This run's tree edges, rows still waiting for a parent, and rows whose depth or root is
+    not what their place in the trees gives (after waiting up to 10 s for the waiting ones)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = conn.execute(
+            "SELECT request_id, depth, root_request_id FROM usage_tokenusage "
+            "WHERE request_id LIKE %s",
+            (prefix + "-%",),
+        ).fetchall()
+        waiting = sum(1 for _rid, depth, _root in rows if depth is None)
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    edges = conn.execute(
+        "SELECT count(*) FROM provenance_provenancerelationship "
+        "WHERE is_tree AND from_request_id LIKE %s",
+        (prefix + "-%",),
+    ).fetchone()[0]
+    wrong = sum(1 for rid, depth, root in rows if expected.get(rid) != (depth, root))
+    return {"edges": edges, "waiting": waiting, "wrong": wrong - waiting}
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -300,7 +426,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=1000, help="events per request, 1..1000")
     ap.add_argument("--clients", type=int, default=4, help="concurrent keep-alive client threads")
     ap.add_argument("--workers", type=int, default=2, help="uvicorn --workers")
-    ap.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for rows")
+    ap.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for rows (default 120; 1800 with --provenance)",
+    )
     ap.add_argument("--skip-copy", action="store_true", help="do not measure the raw COPY rate")
     ap.add_argument(
         "--settle",
@@ -313,12 +444,19 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help=f"with the broadcaster and {LIVE_DASHBOARDS} dashboard websockets live (issue 10)",
     )
+    ap.add_argument(
+        "--provenance",
+        action="store_true",
+        help="every event carries provenance: trees per batch, parents earlier (see above)",
+    )
     h.add_common_args(ap)
     args = ap.parse_args()
     if not 1 <= args.batch <= 1000:
         ap.error("--batch must be 1..1000")
     if args.live and args.mode != "redis":
         ap.error("--live needs --mode redis (the broadcaster process runs with Redis)")
+    if args.drain_timeout is None:
+        args.drain_timeout = 1800.0 if args.provenance else 120.0
     return args
 
 
@@ -348,6 +486,7 @@ def main() -> int:
         f"mode={args.mode} events={args.events} batch={args.batch} clients={args.clients} "
         f"uvicorn --workers {args.workers} settings={args.settings}"
         + (f" live: broadcaster + {LIVE_DASHBOARDS} dashboard websockets" if args.live else "")
+        + (" provenance: every event names a parent" if args.provenance else "")
     )
     r: dict[str, Any] = {}
     env = {"DJANGO_SETTINGS_MODULE": args.settings}
@@ -358,18 +497,21 @@ def main() -> int:
             stack.start_worker()
             stack.start_beat()
         h.log(f"servers up (uvicorn on 127.0.0.1:{port}); warming up")
-        warm = warm_up(stack, port, args.workers)
+        warm, trees = warm_up(stack, port, args.workers, trees=args.provenance)
         if wait_count(stack, warm, 60) != warm:
             raise RuntimeError("warm-up events did not reach the ledger")
         r["machine"] = h.machine_line(stack)
         if not args.skip_copy:
             h.log(f"raw COPY of {args.events} rows")
-            r["copy"] = copy_bench(stack, args.events)
+            r["copy"] = copy_bench(stack, args.events, linked=args.provenance)
 
         live = start_live(stack, port) if args.live else None
         if args.settle:
             time.sleep(args.settle)
-        bodies = make_bodies(prefix, args.events, args.batch)
+        if trees is not None:
+            bodies = trees.bodies(prefix, args.events, args.batch)
+        else:
+            bodies = make_bodies(prefix, args.events, args.batch)
         kib = sum(len(b) for b, _ in bodies) / len(bodies) / 1024
         h.log(f"sending {args.events} events as {len(bodies)} batches ({kib:.0f} KiB each)")
         rds = stack.redis() if redis_db is not None else None
@@ -395,6 +537,8 @@ def main() -> int:
                 "SELECT count(DISTINCT request_id) FROM usage_tokenusage WHERE request_id LIKE %s",
                 (prefix + "-%",),
             ).fetchone()[0]
+            if trees is not None:
+                r["lineage"] = lineage_check(conn, prefix, trees.expected)
         if live is not None:
             time.sleep(0.5)  # updates still on their way
             wall_start = t_end_wall - ((t_end or time.perf_counter()) - sender.t_start)
@@ -431,6 +575,9 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
         and r["buffer_left"] == 0
         and r["pending"] == 0
     )
+    if "lineage" in r:
+        lin = r["lineage"]
+        ok = ok and lin["edges"] == n and lin["waiting"] == 0 and lin["wrong"] == 0
     lat = sender.latencies
     rule = "=" * 76
     print(f"\n{rule}")
@@ -440,6 +587,8 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
     )
     if args.settings != "tokenmgr_project.settings":
         print(f"WHAT-IF settings: {args.settings}")
+    if args.provenance:
+        print("provenance: every event names a parent (trees per batch; see --help)")
     print(r["machine"])
     print("-" * 76)
     print(f"events                   {n:>12,}  ({n_bodies} batches of {args.batch})")
@@ -490,6 +639,12 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
         f"ledger       rows with this run's ids={r['ours']:,} distinct={r['distinct']:,} "
         f"lost={n - r['ours']} buffer left={r['buffer_left']} pending={r['pending']}"
     )
+    if "lineage" in r:
+        lin = r["lineage"]
+        print(
+            f"lineage      tree edges={lin['edges']:,} (of {n:,}) still waiting for a parent="
+            f"{lin['waiting']} wrong depth/root={lin['wrong']}"
+        )
     for line in (sender.errors + sender.bad_batches)[:5]:
         print(f"  ! {line}")
     print("-" * 76)
@@ -498,7 +653,8 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
     for path in r["profiles"]:
         print(h.pyspy_summary(path))
     print("-" * 76)
-    print(f"integrity: {'OK (no event lost or duplicated)' if ok else 'FAILED'}")
+    lineage_ok = " and every link recorded" if "lineage" in r else ""
+    print(f"integrity: {'OK (no event lost or duplicated' + lineage_ok + ')' if ok else 'FAILED'}")
     verdict = "PASS" if ok and e2e_rate >= TARGET_EVENTS_PER_S else "FAIL"
     print(f"target: >= {TARGET_EVENTS_PER_S} events/s  -> {verdict} ({e2e_rate:,.0f} events/s)")
     if "live" in r and "copy" in r:
@@ -509,6 +665,14 @@ def report(args: argparse.Namespace, run_id: str, n_bodies: int, sender: Sender,
             f"target (issue 10): >= {TARGET_COPY_SHARE_LIVE:.0%} of raw COPY with the dashboard "
             f"stream live -> {verdict} ({share:.1%}; updates received by every client: "
             f"{'yes' if streamed else 'no'})"
+        )
+    if "lineage" in r and "copy" in r:
+        share = e2e_rate / (n / r["copy"]["write_row_s"])
+        verdict = "PASS" if ok and share >= TARGET_COPY_SHARE_PROVENANCE else "FAIL"
+        print(
+            f"target (provenance): >= {TARGET_COPY_SHARE_PROVENANCE:.0%} of raw COPY with every "
+            f"event carrying provenance -> {verdict} ({share:.1%} of write_row(), "
+            f"{e2e_rate / (n / r['copy']['text_s']):.1%} of text)"
         )
     print(rule)
     return 0 if ok else 1
