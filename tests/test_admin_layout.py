@@ -1,5 +1,6 @@
 """The admin in a real browser at 1366 x 768, a common laptop screen: no list is wider than its
-place beside the navigation and the filters, so no column (Status, Unpriced, …) is cut off.
+place beside the navigation and the filters, so no column (Status, Unpriced, …) is cut off; the
+lineage and workflow pages fit too (a wide tree scrolls inside its own frame).
 
 Needs Debian's chromium (/usr/bin/chromium, or TOKENMGR_CHROMIUM) and python playwright
 (requirements-dev.txt). Where either is missing the test is skipped, except with CI=true, where
@@ -25,6 +26,7 @@ from budgets.services import budget_create
 from tests.conftest import Persona, event, settle
 from tokenmgr_project.core.principal import Principal
 from usage import services
+from usage.models import TokenUsage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -117,6 +119,29 @@ def _seed_long_values(platform: Persona, user: Any) -> None:
     assert Budget.objects.exists()
 
 
+def _seed_lineage(platform: Persona) -> list[str]:
+    """A wide tree of long ids in one long-named workflow: the provenance pages of it."""
+    flow = _long("support_ticket_", 128)
+    root = _long("question_", 128)
+    events = [event(root, agent=_long("router_", 128), workflow_id=flow)] + [
+        event(
+            f"{i}-" + _long("step_", 120),
+            workflow_id=flow,
+            provenance={"parent_request_id": root, "workflow_step": _long("retrieve_", 128)},
+        )
+        for i in range(40)
+    ]
+    response = platform.client.post("/api/v1/usage/batch", {"events": events}, format="json")
+    assert {item["status"] for item in response.json()["results"]} == {"created"}
+    settle()
+    pk = TokenUsage.objects.get(request_id=root).pk
+    return [
+        reverse("lineage_pages:lineage", args=[pk]),
+        reverse("lineage_pages:workflows"),
+        reverse("lineage_pages:workflow", args=[flow]),
+    ]
+
+
 def _pages() -> list[str]:
     lists = [
         reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
@@ -136,7 +161,7 @@ def test_it_keeps_every_admin_list_within_a_1366_px_screen(
 
     user = django_user_model.objects.create_superuser("browser", "b@example.com", PASSWORD)
     _seed_long_values(platform, user)
-    pages = _pages()
+    pages = [*_pages(), *_seed_lineage(platform)]
     too_wide: dict[str, Any] = {}
     # No database work from here on: the ORM refuses to run beside Playwright's event loop.
     with sync_playwright() as playwright:
