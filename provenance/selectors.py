@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,7 +22,6 @@ from provenance.models import CycleAttempt, ProvenanceRelationship
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage.models import RelationshipType, TokenUsage
-from usage.pricing import money
 from usage.selectors import usage_for_principal
 
 ZERO = Decimal(0)
@@ -916,7 +915,3 @@ def _root_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
         k: row[k]
         for k in ("occurred_at", "agent", "model", "intent", "user_id", "task_type", "status")
     }
-
-
-def iter_money(values: Iterator[Decimal]) -> list[str]:
-    return [money(v) for v in values]
