@@ -3,21 +3,22 @@ patterns (SPEC §6). REST views, /signals and the admin pages all run these."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from provenance import graph, selectors, services
-from provenance.models import ProvenanceRelationship
 from provenance.schemas import (
     LineageIn,
     NodeIn,
     PatternsIn,
     QuestionsIn,
+    RangeIn,
     RelationshipBatchIn,
     RelationshipIn,
     TaskCostsIn,
@@ -33,6 +34,7 @@ from usage.pricing import money
 from usage.services import usage_flush
 
 VIEW_USAGE = "usage.view_tokenusage"
+R = TypeVar("R", bound=RangeIn)
 ADD_RELATIONSHIP = "provenance.add_provenancerelationship"
 
 
@@ -106,9 +108,9 @@ def node_out(node: selectors.LineageNode) -> dict[str, Any]:
     }
 
 
-def graph_nodes(lineage: selectors.Lineage, url: Any = None) -> list[graph.Node]:
+def graph_nodes(lineage: selectors.Lineage) -> list[graph.Node]:
+    """The lineage's nodes for a drawing, each linking to its usage row's admin page."""
     to_row = usage_admin_urls()
-    link = url or (lambda node: to_row(node.row["pk"]))
     return [
         graph.Node(
             request_id=n.request_id,
@@ -123,7 +125,7 @@ def graph_nodes(lineage: selectors.Lineage, url: Any = None) -> list[graph.Node]
             subtree_cost=n.subtree_cost,
             subtree_tokens=n.subtree_tokens,
             subtree_size=n.subtree_size,
-            url=link(n),
+            url=to_row(n.row["pk"]),
         )
         for n in lineage.nodes
     ]
@@ -294,10 +296,20 @@ _WORKFLOW_ROW = (
     staff_perm=VIEW_USAGE,
 )
 def analyze_task_costs(principal: Principal, data: Any) -> Outcome:
-    params = validate(TaskCostsIn, data)
+    return _over_range(
+        TaskCostsIn,
+        data,
+        lambda p, since, until: selectors.task_costs(principal, since, until, limit=p.limit),
+    )
+
+
+def _over_range(
+    schema: type[R], data: Any, answer: Callable[[R, Any, Any], dict[str, Any]]
+) -> Outcome:
+    """An analysis over a time range: validated input, its bounds, the answer with them."""
+    params = validate(schema, data)
     since, until = params.bounds(timezone.now())
-    found = selectors.task_costs(principal, since, until, limit=params.limit)
-    return Outcome(jsonable({"since": since, "until": until, **found}))
+    return Outcome(jsonable({"since": since, "until": until, **answer(params, since, until)}))
 
 
 @action(
@@ -307,19 +319,19 @@ def analyze_task_costs(principal: Principal, data: Any) -> Outcome:
     staff_perm=VIEW_USAGE,
 )
 def analyze_patterns(principal: Principal, data: Any) -> Outcome:
-    params = validate(PatternsIn, data)
-    since, until = params.bounds(timezone.now())
-    found = selectors.patterns(
-        principal,
-        since,
-        until,
-        window=timedelta(seconds=params.window_seconds),
-        storm_min=params.storm_min,
-        storm_window=timedelta(seconds=params.storm_seconds),
-        depth_limit=params.depth_limit or int(settings.TOKENMGR_PROVENANCE_DEEP_CHAIN),
-        limit=params.limit,
-    )
-    return Outcome(jsonable({"since": since, "until": until, **found}))
+    def answer(p: PatternsIn, since: Any, until: Any) -> dict[str, Any]:
+        return selectors.patterns(
+            principal,
+            since,
+            until,
+            window=timedelta(seconds=p.window_seconds),
+            storm_min=p.storm_min,
+            storm_window=timedelta(seconds=p.storm_seconds),
+            depth_limit=p.depth_limit or int(settings.TOKENMGR_PROVENANCE_DEEP_CHAIN),
+            limit=p.limit,
+        )
+
+    return _over_range(PatternsIn, data, answer)
 
 
 @action(
@@ -329,12 +341,10 @@ def analyze_patterns(principal: Principal, data: Any) -> Outcome:
     staff_perm=VIEW_USAGE,
 )
 def get_question_costs(principal: Principal, data: Any) -> Outcome:
-    params = validate(QuestionsIn, data)
-    since, until = params.bounds(timezone.now())
-    found = selectors.question_costs(
-        principal, since, until, limit=params.limit, retries_once=params.retries == "once"
-    )
-    return Outcome(jsonable({"since": since, "until": until, "retries": params.retries, **found}))
+    def answer(p: QuestionsIn, since: Any, until: Any) -> dict[str, Any]:
+        found = selectors.question_costs(
+            principal, since, until, limit=p.limit, retries_once=p.retries == "once"
+        )
+        return {"retries": p.retries, **found}
 
-
-__all__ = ["ProvenanceRelationship"]
+    return _over_range(QuestionsIn, data, answer)

@@ -800,6 +800,9 @@ def agent_performance(rows: QuerySet[TokenUsage], *, limit: int) -> list[dict[st
     ]
 
 
+ANALYSIS_WORK_MEM = "64MB"
+
+
 def patterns(
     principal: Principal,
     since: datetime,
@@ -815,43 +818,17 @@ def patterns(
         if connection.vendor == "postgresql":
             # Each section groups up to the whole range: sorts and hashes stay in memory.
             sql.execute(f"SET LOCAL work_mem = '{ANALYSIS_WORK_MEM}'", [])
-        return _patterns(
-            principal,
-            since,
-            until,
-            window=window,
-            storm_min=storm_min,
-            storm_window=storm_window,
-            depth_limit=depth_limit,
-            limit=limit,
-        )
-
-
-ANALYSIS_WORK_MEM = "64MB"
-
-
-def _patterns(
-    principal: Principal,
-    since: datetime,
-    until: datetime,
-    *,
-    window: timedelta,
-    storm_min: int,
-    storm_window: timedelta,
-    depth_limit: int,
-    limit: int,
-) -> dict[str, Any]:
-    rows = _in_range(principal, since, until)
-    return {
-        "duplicates": duplicate_requests(rows, window=window, limit=limit),
-        "retry_storms": retry_storms(
-            principal, since, until, storm_min=storm_min, storm_window=storm_window, limit=limit
-        ),
-        "deep_chains": deep_chains(rows, depth_limit=depth_limit, limit=limit),
-        "cycles_attempted": cycle_attempts(principal, since, until, limit=limit),
-        "fan_out": fan_out_outliers(rows, limit=limit),
-        "agents": agent_performance(rows, limit=limit),
-    }
+        rows = _in_range(principal, since, until)
+        return {
+            "duplicates": duplicate_requests(rows, window=window, limit=limit),
+            "retry_storms": retry_storms(
+                principal, since, until, storm_min=storm_min, storm_window=storm_window, limit=limit
+            ),
+            "deep_chains": deep_chains(rows, depth_limit=depth_limit, limit=limit),
+            "cycles_attempted": cycle_attempts(principal, since, until, limit=limit),
+            "fan_out": fan_out_outliers(rows, limit=limit),
+            "agents": agent_performance(rows, limit=limit),
+        }
 
 
 # --- cost per user question ----------------------------------------------------------------------
