@@ -4,18 +4,16 @@ or deleted here would leave the ledger's lineage columns wrong."""
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
 
 from provenance.models import CycleAttempt, ProvenanceRelationship
-from usage.admin.display import clipped, when
+from usage.admin.display import ReadOnlyAdmin, clipped, when
 from usage.admin.ledger import CappedCountPaginator
 
 
@@ -27,19 +25,10 @@ def _request_link(request_id: str) -> SafeString:
     return format_html('<a class="tm-clip" href="{}" title="{}">{}</a>', url, request_id, shown)
 
 
-class _ReadOnly(admin.ModelAdmin):
+class _ReadOnly(ReadOnlyAdmin):
     paginator = CappedCountPaginator
     show_full_result_count = False
     list_per_page = 50
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(ProvenanceRelationship)

@@ -4,15 +4,13 @@ and reservations (read-only: written by the services only)."""
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
 
 from django import forms
 from django.contrib import admin
-from django.http import HttpRequest
 from django.utils.safestring import SafeString
 
 from budgets.models import AgentProfile, AlertChannel, BudgetAlert, Reservation
-from usage.admin.display import amount, clipped, usd, when
+from usage.admin.display import ReadOnlyAdmin, amount, clipped, usd, when
 
 
 @admin.register(AgentProfile)
@@ -71,17 +69,6 @@ class AlertChannelAdmin(admin.ModelAdmin):
         return when(obj.created_at)
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
 def _metric_amount(alert: BudgetAlert, value: Decimal | None) -> str:
     if alert.metric == BudgetAlert.Metric.COST:
         return usd(value)
@@ -89,7 +76,7 @@ def _metric_amount(alert: BudgetAlert, value: Decimal | None) -> str:
 
 
 @admin.register(BudgetAlert)
-class BudgetAlertAdmin(_ReadOnlyAdmin):
+class BudgetAlertAdmin(ReadOnlyAdmin):
     list_display = ("created", "budget_name", "alert", "percent_label", "text")
     list_filter = ("kind", "metric")
     list_select_related = ("budget",)
@@ -141,7 +128,7 @@ class BudgetAlertAdmin(_ReadOnlyAdmin):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(_ReadOnlyAdmin):
+class ReservationAdmin(ReadOnlyAdmin):
     # What fits at 1366 px; created, closed and the settling request are on the row's page.
     list_display = ("reservation", "status", "cost_usd", "tokens", "holder", "expires")
     list_display_links = ("reservation",)

@@ -10,7 +10,9 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.contrib import admin
 from django.db import models, transaction
+from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -130,3 +132,16 @@ def service_errors(call: Any) -> FieldErrors:
         return {}
     except ApiError as exc:
         return exc.fields or {"__all__": [exc.message]}
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written by the services only (the ledger, alerts, edges): shown, never edited."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

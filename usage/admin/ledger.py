@@ -19,6 +19,7 @@ from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.errors import ApiError
 from usage import pricing, selectors, services
 from usage.admin.display import (
+    ReadOnlyAdmin,
     clipped,
     conversation_link,
     lineage_link,
@@ -41,7 +42,7 @@ class CappedCountPaginator(Paginator):
 
 
 @admin.register(TokenUsage)
-class TokenUsageAdmin(admin.ModelAdmin):
+class TokenUsageAdmin(ReadOnlyAdmin):
     list_display = (
         "occurred",
         "request",
@@ -191,15 +192,6 @@ class TokenUsageAdmin(admin.ModelAdmin):
     @admin.display(description="output cost")
     def cost_output(self, obj: TokenUsage) -> str:
         return usd(obj.output_cost)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- dead letters ------------------------------------------------------------------------------
