@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -18,3 +20,11 @@ class BudgetsConfig(AppConfig):
         from usage import hooks
 
         hooks.register_accountant(BudgetAccounting())
+        # Repricing rewrote ledger costs: correct the counters of the budgets they count on.
+        hooks.costs_rewritten.connect(_costs_rewritten, dispatch_uid="budgets.counters")
+
+
+def _costs_rewritten(sender: Any, *, spans: Any, **kwargs: Any) -> None:
+    from budgets import services
+
+    services.counters_costs_rewritten(spans=spans)

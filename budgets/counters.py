@@ -43,13 +43,11 @@ from typing import Any
 
 import redis
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Count, ExpressionWrapper, F, FloatField, Q, Sum
-from django.db.models.functions import Cast, Round
 from django.utils import timezone
 
 from budgets.models import Budget, Reservation, Window
 from tokenmgr_project.core import redis as tm_redis
-from usage import buffer, pricing
+from usage import buffer, pricing, rollups
 from usage import rows as rows_codec
 from usage.models import TokenUsage
 
@@ -467,10 +465,6 @@ def _dead_rows(client: redis.Redis) -> list[rows_codec.Row]:
 # --- the ledger ----------------------------------------------------------------------------------
 
 
-def ledger_filter(budget: Budget, window: Window) -> Q:
-    return Q(occurred_at__gte=window.start, occurred_at__lt=window.end, **budget.filters())
-
-
 def row_matches(budget: Budget, window: Window, row: rows_codec.Row) -> bool:
     if not (window.start <= row[rows_codec.ROW_INDEX["occurred_at"]] < window.end):
         return False
@@ -503,20 +497,10 @@ def _units_of(value: Any) -> int:
 
 
 def ledger_units(budget: Budget, window: Window) -> tuple[int, int, int]:
-    """(cost units, tokens, requests) in the ledger for this budget's attribution and window."""
-    if connection.vendor == "sqlite":
-        cost: Any = Sum(
-            Cast(
-                Round(ExpressionWrapper(F("cost") * UNITS_PER_USD, output_field=FloatField())),
-                BigIntegerField(),
-            )
-        )
-    else:
-        cost = Sum("cost")
-    agg = TokenUsage.objects.filter(ledger_filter(budget, window)).aggregate(
-        cost=cost, tokens=Sum("total_tokens"), requests=Count("id")
-    )
-    return _units_of(agg["cost"]), int(agg["tokens"] or 0), int(agg["requests"])
+    """(cost units, tokens, requests) in the ledger for this budget's attribution and window:
+    from the hourly rollups (exact, and still counting usage retention purged), the ledger for
+    a window's sub-hour edges (usage.rollups.totals)."""
+    return rollups.totals(filters=budget.filters(), since=window.start, until=window.end)
 
 
 def ledger_sums(budget: Budget, window: Window) -> tuple[Decimal, int, int]:
@@ -688,11 +672,8 @@ def db_totals(
     parts: list[str] = []
     params: list[Any] = []
     for i, (budget, window) in enumerate(zip(budgets, windows, strict=True)):
-        spent_sql, spent_params = (
-            TokenUsage.objects.filter(ledger_filter(budget, window))
-            .order_by()
-            .values_list("cost", "total_tokens")
-            .query.sql_with_params()
+        spent_sql, spent_params = rollups.totals_sql(
+            filters=budget.filters(), since=window.start, until=window.end
         )
         held_sql, held_params = (
             Reservation.objects.filter(
@@ -704,8 +685,7 @@ def db_totals(
         )
         parts.append(
             f"SELECT {i} AS i, s.c, s.t, h.c, h.t FROM "
-            f"(SELECT {_cost_units_sql('x.cost')} AS c, SUM(x.total_tokens) AS t "
-            f"FROM ({spent_sql}) x) s CROSS JOIN "
+            f"({spent_sql}) s CROSS JOIN "
             f"(SELECT {_cost_units_sql('y.cost')} AS c, SUM(y.tokens) AS t FROM ({held_sql}) y) h"
         )
         params.extend((*spent_params, *held_params))
@@ -717,7 +697,7 @@ def db_totals(
         cost, tokens, held_cost, held_tokens = found[i]
         out.append(
             Totals(
-                _units_of(cost),
+                int(cost),
                 int(tokens or 0),
                 _units_of(held_cost),  # reservations hold priced costs: whole units already
                 int(held_tokens or 0),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -29,6 +29,7 @@ from budgets.models import (
 )
 from budgets.schemas import BudgetIn, BudgetPatchIn
 from tokenmgr_project.core import redis as tm_redis
+from tokenmgr_project.core import unavailable
 from tokenmgr_project.core.errors import (
     ApiError,
     FieldErrors,
@@ -292,6 +293,48 @@ def counters_rebuild() -> int:
     if changed:
         logger.info("rebuilt %s budget counter(s) after usage written direct", len(changed))
     return len(changed)
+
+
+def counters_costs_rewritten(
+    *, spans: Sequence[tuple[Mapping[str, str], datetime, datetime]]
+) -> int:
+    """Ledger costs were rewritten in the current transaction (usage.hooks.costs_rewritten:
+    repricing), so the Redis counters of the budgets those rows count against no longer equal
+    the ledger: per attribution, every period of each matching budget from the first changed
+    row's to the last's. Names them in that same transaction, as usage written direct does (a
+    CounterRebuild row: whoever next relies on them, in any process, rebuilds them first), and
+    rebuilds them once it commits. Returns how many counters were named. Database mode keeps no
+    counters (spend is summed from the ledger each time): nothing to do."""
+    if not tm_redis.configured():
+        return 0
+    selectors.invalidate_rules()  # the budgets as they are now, not as cached a moment ago
+    windows: dict[str, tuple[int, datetime]] = {}
+    for attribution, first, last in spans:
+        for rule in selectors.applicable_rules(attribution):
+            window = rule.budget.window_at(first)
+            while True:
+                key = counters.counter_key(rule.budget.pk, window)
+                windows.setdefault(key, (rule.budget.pk, window.start))
+                if window.end > last:
+                    break
+                window = rule.budget.window_at(window.end)
+    if not windows:
+        return 0
+    CounterRebuild.objects.create(
+        counters=[[budget_id, at.isoformat()] for budget_id, at in windows.values()]
+    )
+    counters.rebuild_due = True
+    transaction.on_commit(_rebuild_after_rewrite)
+    return len(windows)
+
+
+def _rebuild_after_rewrite() -> None:
+    try:
+        counters_rebuild()
+    except (*tm_redis.REDIS_ERRORS, *unavailable.DATABASE_ERRORS):
+        # Still named (the CounterRebuild row, rebuild_due): the worker's frequent rebuild or
+        # the next check does it; the rewrite itself is committed and must not fail now.
+        logger.warning("budget counters not rebuilt after repricing; left to the next rebuild")
 
 
 def counters_rebuild_if_marked() -> int:

@@ -61,6 +61,8 @@ class ProvenanceRelationship(models.Model):
                 condition=Q(type=RelationshipType.RETRY_OF),
                 name="provenance_retry_idx",
             ),
+            # services.provenance_purge_expired: edges past retention, oldest first.
+            models.Index(fields=["created_at"], name="provenance_edge_created_idx"),
         ]
 
     def __str__(self) -> str:

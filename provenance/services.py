@@ -11,6 +11,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -25,6 +26,7 @@ from usage import hooks
 from usage.hooks import Refusal
 from usage.models import RelationshipType
 from usage.rows import Row, copy_text, row_lineage, row_with_lineage
+from usage.services import retention_cutoff
 
 logger = logging.getLogger(__name__)
 
@@ -500,3 +502,27 @@ def relationships_create(
 
 def _field(count: int, index: int, name: str) -> str:
     return name if count == 1 else f"relationships.{index}.{name}"
+
+
+# --- retention -----------------------------------------------------------------------------------
+_PURGE_CHUNK = 10_000
+
+
+def provenance_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -> int:
+    """Delete relationships and refused cycles older than the ledger's retention (the requests
+    they link are purged with it), in bounded chunks. Returns how many rows went."""
+    cutoff = retention_cutoff(now=now)
+    if cutoff is None:
+        return 0
+    deleted = 0
+    for model, column in ((ProvenanceRelationship, "created_at"), (CycleAttempt, "attempted_at")):
+        for _ in range(max_chunks):
+            ids = list(
+                model.objects.filter(**{f"{column}__lt": cutoff}).values_list("pk", flat=True)[
+                    :_PURGE_CHUNK
+                ]
+            )
+            if not ids:
+                break
+            deleted += model.objects.filter(pk__in=ids).delete()[0]
+    return deleted

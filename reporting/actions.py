@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from reporting import services
+from reporting import formats, reports, services
 from reporting.models import StatusCategory
 from reporting.selectors import conversation_recently_visible, conversation_visible_to
 from tokenmgr_project.core import redis as tm_redis
-from tokenmgr_project.core.actions import Outcome, action, validate
+from tokenmgr_project.core.actions import Outcome, action, run, validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage.actions import VIEW_USAGE
@@ -189,3 +189,64 @@ def publish_status_batch(principal: Principal, data: Any) -> Outcome:
         raise refused
     services.status_push_many(messages)
     return _batch_queued(messages)
+
+
+# --- reports -----------------------------------------------------------------------------------
+VIEW_BUDGET = "budgets.view_budget"
+
+
+def _report(kind: str) -> Any:
+    def handler(principal: Principal, data: Any) -> Outcome:
+        params = dict(data) if isinstance(data, dict) else data
+        fmt = params.pop("format", "json") if isinstance(params, dict) else "json"
+        if fmt not in formats.FORMATS:
+            raise ApiError(
+                "Unknown format.", fields={"format": [f"Use one of {', '.join(formats.FORMATS)}."]}
+            )
+        body = reports.report_generate(principal, params, kind=kind)
+        if fmt == "json":
+            return Outcome(body)
+        render = formats.report_csv if fmt == "csv" else formats.report_markdown
+        return Outcome({"format": fmt, "content": "".join(render(body))})
+
+    return handler
+
+
+action(
+    "get_usage_report",
+    "Usage report: totals, efficiency, breakdown and series, top consumers, model mix.",
+    staff_perm=VIEW_USAGE,
+)(_report("usage"))
+action(
+    "get_cost_report",
+    "Cost report: spend by dimension with period-over-period change, budget utilisation.",
+    staff_perm=(VIEW_USAGE, VIEW_BUDGET),
+)(_report("cost"))
+action(
+    "get_optimization_report",
+    "Optimization report: savings opportunities with their evidence, priced.",
+    staff_perm=VIEW_USAGE,
+)(_report("optimization"))
+
+
+@action(
+    "generate_report",
+    "Any report by name: {'report': 'usage'|'cost'|'optimization', ...its parameters}.",
+    staff_perm=VIEW_USAGE,
+)
+def generate_report(principal: Principal, data: Any) -> Outcome:
+    kind = data.get("report", "usage") if isinstance(data, dict) else "usage"
+    if kind not in reports.KINDS:
+        raise ApiError(
+            "Unknown report.", fields={"report": [f"Use one of {', '.join(reports.KINDS)}."]}
+        )
+    return run(f"get_{kind}_report", principal, data)
+
+
+@action(
+    "aggregate_usage",
+    "Measure sums from the rollups grouped by dimensions and hour/day/week/month.",
+    staff_perm=VIEW_USAGE,
+)
+def aggregate_usage(principal: Principal, data: Any) -> Outcome:
+    return Outcome(reports.aggregate_table(principal, data))

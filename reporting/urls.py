@@ -5,4 +5,5 @@ from reporting import apis
 urlpatterns = [
     path("status", apis.StatusApi.as_view(), name="status"),
     path("status/batch", apis.StatusBatchApi.as_view(), name="status-batch"),
+    path("reports/<str:kind>", apis.ReportApi.as_view(), name="report"),
 ]

@@ -1,6 +1,7 @@
 """The admin in a real browser at 1366 x 768, a common laptop screen: no list is wider than its
 place beside the navigation and the filters, so no column (Status, Unpriced, …) is cut off; the
-lineage and workflow pages fit too (a wide tree scrolls inside its own frame).
+lineage and workflow pages fit too (a wide tree scrolls inside its own frame), and so does the
+Reports page (its tables scroll inside their own boxes).
 
 Needs Debian's chromium (/usr/bin/chromium, or TOKENMGR_CHROMIUM) and python playwright
 (requirements-dev.txt). Where either is missing the test is skipped, except with CI=true, where
@@ -161,7 +162,9 @@ def test_it_keeps_every_admin_list_within_a_1366_px_screen(
 
     user = django_user_model.objects.create_superuser("browser", "b@example.com", PASSWORD)
     _seed_long_values(platform, user)
-    pages = [*_pages(), *_seed_lineage(platform)]
+    # The Reports page in a named zone: without one it reloads itself in the browser's.
+    reports = reverse("reports_pages:reports") + "?tz=UTC"
+    pages = [*_pages(), *_seed_lineage(platform), reports]
     too_wide: dict[str, Any] = {}
     # No database work from here on: the ORM refuses to run beside Playwright's event loop.
     with sync_playwright() as playwright:

@@ -66,6 +66,8 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "pricing"):                       (401, 401, 403, 403, 403, 201, 403, 403, 403, 201),
     ("POST", "pricing/quote"):                 (401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("POST", "pricing/compare"):               (401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    # Re-pricing past usage (issue 12) rewrites ledger costs: global keys and price editors.
+    ("POST", "pricing/reprice"):               (401, 401, 403, 403, 403, 200, 403, 403, 403, 200),
     ("POST", "signals"):                       (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     ("POST", "status"):                        (401, 401, 202, 403, 202, 202, 403, 202, 403, 202),
     ("POST", "status/batch"):                  (401, 401, 202, 403, 202, 202, 403, 202, 403, 202),
@@ -107,6 +109,9 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "analysis/task-costs"):            (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     ("GET", "analysis/patterns"):              (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     ("GET", "analysis/questions"):             (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    # Reports (issue 12), scoped like usage; the matrix asks for the cost report, which also reads
+    # budgets (staff need both view permissions: the approver has only budgets').
+    ("GET", "reports/<str:kind>"):             (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     # The schema and docs are public; a presented key is still authenticated, and a dead one fails.
     ("GET", "api/schema/"):                    (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("GET", "api/docs/"):                      (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
@@ -130,6 +135,8 @@ PAGE_MATRIX: dict[str, tuple[int, ...]] = {
     "admin/provenance/lineage/<int:pk>/":                 _PAGE,
     "admin/provenance/workflows/":                        _PAGE,
     "admin/provenance/workflows/<path:workflow_id>/":     _PAGE,
+    # The Reports page (issue 12).
+    "admin/reports/":                                     _PAGE,
 }
 # fmt: on
 
@@ -226,6 +233,7 @@ _ID: dict[str, Callable[[World], Any]] = {
     "int:budget_id": lambda w: w.budget.pk,
     "int:override_id": lambda w: w.override.pk,
     "int:profile_id": lambda w: w.profile.pk,
+    "str:kind": lambda w: "cost",
 }
 _LATER = (timezone.now() + timedelta(days=7)).isoformat()
 
@@ -281,13 +289,20 @@ BODIES: dict[tuple[str, str], Callable[[World, str], Any]] = {
     },
     ("PATCH", "agent-profiles/<int:profile_id>"): lambda w, who: {"token_budget": 5_000},
     ("POST", "overrides/<int:override_id>/reject"): lambda w, who: {"reason": "no"},
+    ("POST", "pricing/reprice"): lambda w, who: {
+        "since": (timezone.now() - timedelta(days=1)).isoformat(),
+        "until": timezone.now().isoformat(),
+    },
     ("POST", "relationships"): lambda w, who: {
         "from_request_id": "m-2",
         "to_request_id": "m-1",
         "type": "follow_up_of",
     },
 }
-QUERIES = {("GET", "usage/summary"): "?group_by=team_id,project_id"}
+QUERIES = {
+    ("GET", "usage/summary"): "?group_by=team_id,project_id",
+    ("GET", "reports/<str:kind>"): "?group_by=team_id,project_id",
+}
 
 
 def _path(route: str, world: World) -> str:
@@ -322,10 +337,12 @@ def _rest_endpoints() -> set[tuple[str, str]]:
 
 
 def _live_pages() -> set[str]:
-    """Every route of the staff pages mounted before the admin (admin/live/, admin/provenance/)."""
+    """Every route of the staff pages mounted before the admin (admin/live/, admin/provenance/,
+    admin/reports/)."""
     found: set[str] = set()
+    mounts = ("admin/live/", "admin/provenance/", "admin/reports/")
     for p in get_resolver().url_patterns:
-        if isinstance(p, URLResolver) and str(p.pattern) in ("admin/live/", "admin/provenance/"):
+        if isinstance(p, URLResolver) and str(p.pattern) in mounts:
             found |= {f"{p.pattern}{q.pattern}" for q in p.url_patterns}
     return found
 
@@ -385,6 +402,9 @@ def _team_project(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 SCOPED_READS: dict[tuple[str, str], Callable[[Any], list[tuple[str, str]]]] = {
     ("GET", "usage"): lambda body: _team_project(body["results"]),
     ("GET", "usage/summary"): lambda body: _team_project(body["rows"]),
+    ("GET", "reports/<str:kind>"): lambda body: (
+        _team_project(body["rows"]) + _team_project(body["budgets"])
+    ),
     ("POST", "signals"): lambda body: _team_project(body["result"]["results"]),
     ("GET", "budgets"): lambda body: _team_project(body["results"]),
     ("GET", "budgets/<int:budget_id>"): lambda body: _team_project([body]),

@@ -55,6 +55,11 @@ app.conf.beat_schedule = {
     "usage-flush-buffer": {"task": "usage.tasks.usage_flush_buffer", "schedule": 1.0},
     # Hourly is plenty: retention is counted in days and each run deletes in bounded chunks.
     "usage-purge-expired": {"task": "usage.tasks.usage_purge_expired", "schedule": 3600.0},
+    # With the ledger's retention: the relationships of purged requests go the same hour.
+    "provenance-purge-expired": {
+        "task": "provenance.tasks.provenance_purge_expired",
+        "schedule": 3600.0,
+    },
     # Ingestion asks for alert evaluation within a second; this minute-sweep catches what it
     # cannot see: time passing (burn rate), limit changes made elsewhere, a lost request.
     "budgets-alerts-evaluate-all": {

@@ -224,7 +224,7 @@ TOKENMGR_BUFFER_VOLATILE_OK = _volatile_ok_raw.strip().lower() == "true"
 # --- Usage ingestion (runtime-adjustable copies live in usage.ManagerConfig) ---
 TOKENMGR_BUFFER_SIZE = env_int("TOKENMGR_BUFFER_SIZE", 100, minimum=1, maximum=100_000)
 TOKENMGR_FLUSH_INTERVAL = env_float("TOKENMGR_FLUSH_INTERVAL", 5.0, minimum=0.5, maximum=3600)
-TOKENMGR_RETENTION_DAYS = env_int("TOKENMGR_RETENTION_DAYS", 400, minimum=0, maximum=36_500)
+TOKENMGR_RETENTION_DAYS = env_int("TOKENMGR_RETENTION_DAYS", 90, minimum=0, maximum=36_500)
 # How long a request_id is remembered in Redis for duplicate answers before the DB is the judge.
 TOKENMGR_DEDUPE_TTL = env_int("TOKENMGR_DEDUPE_TTL", 2 * 86_400, minimum=60, maximum=365 * 86_400)
 # Entries a dead consumer read but never acknowledged are re-claimed after this idle time.
@@ -352,6 +352,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Two bodies have a `source` with other choices: name each set (what answered a report).
+    "ENUM_NAME_OVERRIDES": {"ReportSourceEnum": ["rollups", "rollups+ledger", "ledger"]},
     # Valid OpenAPI 3.0.3 and every error answer documented (tests/test_schemathesis.py).
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -126,6 +126,7 @@ urlpatterns = [
     path("favicon.ico", favicon, name="favicon"),
     path("admin/live/", include("reporting.pages")),  # before the admin's catch-all
     path("admin/provenance/", include("provenance.pages")),  # before the admin's catch-all
+    path("admin/reports/", include("reporting.reports_pages")),  # before the admin's catch-all
     path("admin/", admin.site.urls),
     path("api/v1/", include("usage.urls")),
     path("api/v1/", include("reporting.urls")),

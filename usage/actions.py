@@ -19,6 +19,7 @@ from usage.schemas import (
     ModelRef,
     PriceOverrideIn,
     QuoteIn,
+    RepriceIn,
     TokenizeIn,
     TruncateIn,
 )
@@ -334,6 +335,54 @@ def update_pricing(principal: Principal, data: Any) -> Outcome:
         note=params.note,
     )
     return Outcome({**price_override_out(row), "created": created}, status=201 if created else 200)
+
+
+def actor_label(principal: Principal) -> str:
+    """Who did it, for an audit row: "staff user #3", "api key #5 (global)", or "cli" for the
+    keyless organisation principal that management commands act as."""
+    if principal.user_id is None and principal.key_id is None:
+        return "cli"
+    return principal.label
+
+
+def reprice_out(result: services.RepriceResult) -> dict[str, Any]:
+    return {
+        "applied": result.applied,
+        "since": result.since.isoformat(),
+        "until": result.until.isoformat(),
+        "provider": result.provider,
+        "model": result.model,
+        "currency": pricing.CURRENCY,
+        "rows_seen": result.rows_seen,
+        "rows_changed": result.rows_changed,
+        "cost_before": pricing.money(result.cost_before),
+        "cost_after": pricing.money(result.cost_after),
+        "difference": pricing.money(result.difference),
+        "models": [m.as_dict() for m in result.models],
+        "repricing_id": result.repricing.pk if result.repricing else None,
+    }
+
+
+@action(
+    "reprice_usage",
+    "Price past usage in a range again with the prices in effect when it occurred: per model "
+    "and total differences; with `apply`, rewrite the costs, rollups and budget counters and "
+    "record it (global key or staff).",
+    # Rewriting ledger costs is changing what prices were charged.
+    staff_perm="usage.change_modelprice",
+    staff_or_global=True,
+)
+def reprice_usage(principal: Principal, data: Any) -> Outcome:
+    params = validate(RepriceIn, data)
+    result = services.usage_reprice(
+        since=params.since,
+        until=params.until,
+        provider=params.provider,
+        model=params.model,
+        apply=params.apply,
+        actor=actor_label(principal),
+    )
+    return Outcome(reprice_out(result), status=201 if result.applied else 200)
 
 
 @action(

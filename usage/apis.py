@@ -27,6 +27,7 @@ from usage.schemas import (
     CompareIn,
     PriceOverrideIn,
     QuoteIn,
+    RepriceIn,
     TokenizeIn,
     TruncateIn,
     UsageEventIn,
@@ -148,8 +149,11 @@ class SummaryRowOut(BaseModel):
     cache_read_tokens: int
     cache_write_tokens: int
     total_tokens: int
-    cost: Money
+    cost: Money = Field(description="Priced usage; unpriced requests add 0 (counted apart).")
     unpriced_requests: int
+    unpriced_tokens: int = Field(description="Input + output tokens of unpriced requests.")
+    estimated_requests: int = Field(description="Requests whose token counts were estimated.")
+    estimated_cost: Money = Field(description="The part of `cost` from estimated requests.")
     errors: int
 
 
@@ -158,6 +162,10 @@ class SummaryOut(BaseModel):
     interval: str | None
     tz: str
     currency: str
+    source: Literal["rollups", "rollups+ledger", "ledger"] = Field(
+        description="What answered: hourly rollups, the raw ledger (sub-hour edges, hours a "
+        "time zone's buckets cut, dimensions rollups lack), or both."
+    )
     rows: list[SummaryRowOut]
     truncated: bool = Field(description=f"More than {MAX_SUMMARY_ROWS} groups: the rest is cut.")
 
@@ -233,6 +241,32 @@ class ComparedOut(QuoteOut):
 class CompareOut(BaseModel):
     currency: str
     results: list[ComparedOut] = Field(description="Cheapest first; unpriced models last.")
+
+
+class RepricedModelOut(BaseModel):
+    provider: str
+    model: str
+    rows: int
+    rows_changed: int = Field(description="Rows whose stored price (cost, source, ref) changes.")
+    cost_before: Money
+    cost_after: Money
+    difference: Money = Field(description="cost_after - cost_before (negative: cheaper).")
+
+
+class RepriceOut(BaseModel):
+    applied: bool = Field(description="False: a dry run, nothing was changed.")
+    since: str
+    until: str
+    provider: str
+    model: str
+    currency: str
+    rows_seen: int
+    rows_changed: int
+    cost_before: Money
+    cost_after: Money
+    difference: Money
+    models: list[RepricedModelOut] = Field(description="Per provider and model, sorted by them.")
+    repricing_id: int | None = Field(description="The audit entry of an applied repricing.")
 
 
 class HealthDatabaseOut(BaseModel):
@@ -448,6 +482,18 @@ class PricingApi(ActionView):
         request=PriceOverrideIn,
         responses={201: PriceOverrideSetOut, 200: PriceOverrideSetOut},
         summary="Set a price override",
+    )
+    def post(self, request: Request) -> Response:
+        return self._run(request, "post", self._body(request))
+
+
+class RepriceApi(ActionView):
+    actions_by_method: ClassVar[dict[str, str]] = {"post": "reprice_usage"}
+
+    @extend_schema(
+        request=RepriceIn,
+        responses={200: RepriceOut, 201: RepriceOut},
+        summary="Re-price past usage (dry run, or apply)",
     )
     def post(self, request: Request) -> Response:
         return self._run(request, "post", self._body(request))

@@ -6,6 +6,8 @@ increment and which reservation each row settles. In buffered mode that happens 
 Redis script that claims the request ids and buffers the rows (core of "overspend is
 impossible"); in direct mode in the same database transaction. After the store the accountant
 hears what was counted (alert evaluation), and `usage_stored` tells anyone else.
+`costs_rewritten` tells whoever keeps totals of its own (budget counters) that repricing
+changed the costs of stored rows.
 """
 
 from __future__ import annotations
@@ -144,3 +146,8 @@ usage_stored = Signal()
 usage_flushed = Signal()
 # The buffer reached buffer_size: a flush is wanted now (usage.tasks enqueues one).
 flush_wanted = Signal()
+# Sent inside the transaction that rewrote the costs of ledger rows (usage.services.usage_reprice),
+# after the rewrite: `spans`, a list of (attribution, first, last): per attribution (the values of
+# usage.services.reprice.SPAN_DIMENSIONS) every changed row of it occurred in [first, last].
+# Receivers may write in that transaction; what leaves the database goes in on_commit.
+costs_rewritten = Signal()

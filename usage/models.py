@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 from decimal import Decimal
+from typing import Any, ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -328,3 +329,172 @@ class ManagerConfig(models.Model):
 
     def __str__(self) -> str:
         return "manager settings"
+
+
+# --- rollups (usage.rollups): the ledger pre-aggregated per UTC hour ------------------------------
+
+
+class RollupMeasures(models.Model):
+    """What one hour of one group of ledger rows adds up to. Kept by database triggers on the
+    ledger (migration 0005), in the same statement as the rows, so a rollup never disagrees
+    with the ledger; retention deletes raw rows and leaves these. Money is integer units of
+    1e-10 USD (the ledger's scale): exact sums on PostgreSQL and SQLite alike."""
+
+    bucket = models.DateTimeField(help_text="Start of the UTC hour.")
+    requests = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cache_read_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    cost_units = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    error_cost_units = models.BigIntegerField(default=0)
+    unpriced_requests = models.BigIntegerField(default=0)
+    unpriced_tokens = models.BigIntegerField(default=0)
+    estimated_requests = models.BigIntegerField(default=0)
+    estimated_cost_units = models.BigIntegerField(default=0)
+    cache_hits = models.BigIntegerField(default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+    latency_count = models.BigIntegerField(default=0)
+    # Successful requests with a short output (usage.rollups.SHORT_OUTPUT_TOKENS): the traffic
+    # a cheaper model could serve (the optimization report).
+    short_requests = models.BigIntegerField(default=0)
+    short_input_tokens = models.BigIntegerField(default=0)
+    short_output_tokens = models.BigIntegerField(default=0)
+    short_cost_units = models.BigIntegerField(default=0)
+
+    objects: ClassVar[models.Manager[Any]]  # both tables' default manager, for the type checker
+
+    class Meta:
+        abstract = True
+
+
+class UsageRollup(RollupMeasures):
+    """Per hour and combination of every rollup dimension (usage.rollups.FINE_DIMENSIONS)."""
+
+    team_id = models.CharField(max_length=128, default="")
+    project_id = models.CharField(max_length=128, default="")
+    user_id = models.CharField(max_length=128, default="")
+    feature = models.CharField(max_length=128, default="")
+    agent = models.CharField(max_length=128, default="")
+    task_type = models.CharField(max_length=128, default="")
+    provider = models.CharField(max_length=64, default="")
+    model = models.CharField(max_length=128)
+
+    class Meta:
+        constraints = [
+            # The triggers' ON CONFLICT target: one row per hour and group.
+            models.UniqueConstraint(
+                fields=[
+                    "bucket",
+                    "team_id",
+                    "project_id",
+                    "user_id",
+                    "feature",
+                    "agent",
+                    "task_type",
+                    "provider",
+                    "model",
+                ],
+                name="usage_rollup_group_unique",
+            ),
+        ]
+        indexes = [
+            # rollups.aggregate for a team- or project-scoped principal over a range.
+            models.Index(fields=["team_id", "project_id", "bucket"], name="usage_rollup_scope_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
+
+
+class ModelRollup(RollupMeasures):
+    """The same per hour, team, project, provider and model only: the small table that reports
+    by those dimensions (the common ones) read (usage.rollups.COARSE_DIMENSIONS)."""
+
+    team_id = models.CharField(max_length=128, default="")
+    project_id = models.CharField(max_length=128, default="")
+    provider = models.CharField(max_length=64, default="")
+    model = models.CharField(max_length=128)
+
+    class Meta:
+        constraints = [
+            # The triggers' ON CONFLICT target; bucket first also serves every range scan.
+            models.UniqueConstraint(
+                fields=["bucket", "team_id", "project_id", "provider", "model"],
+                name="usage_model_rollup_group_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
+
+
+class LedgerPurge(models.Model):
+    """One retention run that deleted raw usage: before `cutoff` only rollups answer."""
+
+    cutoff = models.DateTimeField()
+    deleted = models.BigIntegerField()
+    purged_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            # rollups.purged_before: the latest cutoff.
+            models.Index(fields=["-cutoff"], name="usage_ledgerpurge_cutoff_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deleted} rows before {self.cutoff:%Y-%m-%d %H:%M}"
+
+
+# --- repricing (usage.services.usage_reprice): the audit of rewritten costs ---------------------
+
+
+class Repricing(models.Model):
+    """One applied re-pricing of past usage: who rewrote the costs of which ledger rows with the
+    prices in effect when they occurred, and the totals before and after. Money is USD at the
+    ledger's scale; `per_model` is the table of differences per provider and model as the API
+    answers it (usage.actions.reprice_out: amounts as text)."""
+
+    actor = models.CharField(max_length=200, help_text='"staff user #3", "api key #5", "cli".')
+    applied_at = models.DateTimeField()
+    since = models.DateTimeField()
+    until = models.DateTimeField()
+    provider = models.CharField(
+        max_length=64, blank=True, default="", help_text="Empty: every provider."
+    )
+    model = models.CharField(
+        max_length=128, blank=True, default="", help_text="Empty: every model."
+    )
+    rows_seen = models.BigIntegerField()
+    rows_changed = models.BigIntegerField()
+    cost_before = models.DecimalField(max_digits=28, decimal_places=10)
+    cost_after = models.DecimalField(max_digits=28, decimal_places=10)
+    per_model = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-applied_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(since__lt=F("until")), name="repricing_range_ordered"
+            ),
+            models.CheckConstraint(
+                condition=Q(rows_changed__gte=0) & Q(rows_changed__lte=F("rows_seen")),
+                name="repricing_rows_changed_within_seen",
+            ),
+            models.CheckConstraint(
+                condition=Q(cost_before__gte=0) & Q(cost_after__gte=0),
+                name="repricing_costs_non_negative",
+            ),
+        ]
+        indexes = [
+            # The admin's list of repricings (usage.admin.repricing), newest first.
+            models.Index(fields=["-applied_at", "-id"], name="usage_repricing_applied_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"repricing #{self.pk}: {self.since:%Y-%m-%d %H:%M} to {self.until:%Y-%m-%d %H:%M}"
+
+    @property
+    def difference(self) -> Decimal:
+        return self.cost_after - self.cost_before

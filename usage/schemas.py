@@ -560,3 +560,19 @@ class ConfigureIn(Strict):
     retention_days: Annotated[int, Field(strict=True, ge=0, le=36_500)] | None = None
     alert_channels: list[Literal["status", "email", "webhook"]] | None = None
     optimization_enabled: Annotated[bool, Field(strict=True)] | None = None
+
+
+class RepriceIn(Strict):
+    """A range of past usage to price again with the prices in effect when it occurred."""
+
+    since: Instant = Field(description="Inclusive. A time without an offset is UTC.")
+    until: Instant = Field(description="Exclusive; after since, at most 366 days later.")
+    provider: Annotated[str, Field(strict=True, max_length=64)] = Field(
+        "", description="Only this provider's usage (any case); empty: every provider."
+    )
+    model: Annotated[str, Field(strict=True, max_length=128)] = Field(
+        "", description="Only this model's usage (any case); empty: every model."
+    )
+    apply: Annotated[bool, Field(strict=True)] = Field(
+        False, description="Rewrite the costs; false (default): a dry run that changes nothing."
+    )

@@ -11,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from django.db import connection
-from django.db.models import Count, Model, Q, QuerySet, Sum
-from django.db.models.functions import Trunc
+from django.db.models import Model, Q, QuerySet
 from django.utils import timezone
 
 from tokenmgr_project.core import health, unavailable
@@ -20,7 +19,7 @@ from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.api import query_text
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal, in_scope
-from usage import buffer
+from usage import buffer, rollups
 from usage.models import ATTRIBUTION_DIMENSIONS, ModelPrice, TokenUsage
 from usage.pricing import money
 
@@ -165,66 +164,100 @@ def _group_by(params: dict[str, Any]) -> list[str]:
     return names
 
 
-def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
-    """Totals grouped by any dimensions and optionally by hour/day/week/month, in SQL."""
-    dims = _group_by(params)
+def scope_columns(principal: Principal) -> dict[str, str]:
+    """The scope rule (`in_scope`) as column values, for tables without a queryset gate."""
+    scope = {}
+    if principal.team_id:
+        scope["team_id"] = principal.team_id
+    if principal.project_id:
+        scope["project_id"] = principal.project_id
+    return scope
+
+
+def summary_row(values: dict[str, int]) -> dict[str, Any]:
+    """One group's rollup measures as the API shows them (money as Decimal text)."""
+    return {
+        "requests": values["requests"],
+        "input_tokens": values["input_tokens"],
+        "output_tokens": values["output_tokens"],
+        "cache_read_tokens": values["cache_read_tokens"],
+        "cache_write_tokens": values["cache_write_tokens"],
+        "total_tokens": values["input_tokens"] + values["output_tokens"],
+        "cost": money(rollups.units_to_money(values["cost_units"])),
+        "unpriced_requests": values["unpriced_requests"],
+        "unpriced_tokens": values["unpriced_tokens"],
+        "estimated_requests": values["estimated_requests"],
+        "estimated_cost": money(rollups.units_to_money(values["estimated_cost_units"])),
+        "errors": values["errors"],
+    }
+
+
+def parse_range(params: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
+    since = _parse_time("since", params["since"]) if params.get("since") is not None else None
+    until = _parse_time("until", params["until"]) if params.get("until") is not None else None
+    if since and until and since >= until:
+        raise ApiError("Invalid time range.", fields={"until": ["Must be after since."]})
+    return since, until
+
+
+def parse_interval(params: dict[str, Any]) -> str | None:
     # Present means given: `interval=` is not one of the intervals (the schema's enum).
     interval = params.get("interval")
     if interval is not None and interval not in INTERVALS:
         raise ApiError(
             "Invalid interval.", fields={"interval": [f"Use one of {', '.join(INTERVALS)}."]}
         )
+    return interval
+
+
+def parse_tz(params: dict[str, Any]) -> zoneinfo.ZoneInfo:
     tz_raw = params.get("tz")
     tz_name = "UTC" if tz_raw is None else query_text("tz", tz_raw, max_length=64)
-    try:
-        tz = zoneinfo.ZoneInfo(tz_name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ApiError(
-            "Invalid time zone.", fields={"tz": ["Use an IANA time zone such as Europe/Paris."]}
-        ) from None
-    qs = usage_for_principal(principal).filter(
-        _filters({k: v for k, v in params.items() if k not in ("cursor", "limit")})
-    )
-    keys = list(dims)
-    if interval:
-        qs = qs.annotate(period=Trunc("occurred_at", interval, tzinfo=tz))
-        keys.append("period")
-    aggregates = {
-        "requests": Count("id"),
-        "input_tokens": Sum("input_tokens"),
-        "output_tokens": Sum("output_tokens"),
-        "cache_read_tokens": Sum("cache_read_tokens"),
-        "cache_write_tokens": Sum("cache_write_tokens"),
-        "total_tokens": Sum("total_tokens"),
-        "cost": Sum("cost"),
-        "unpriced_requests": Count("id", filter=Q(unpriced=True)),
-        "errors": Count("id", filter=Q(status=TokenUsage.Status.ERROR)),
+    return rollups.parse_tz(tz_name)
+
+
+def exact_filters(params: dict[str, Any]) -> dict[str, str]:
+    return {
+        name: query_text(name, params[name], max_length=MAX_FILTER_LENGTH)
+        for name in FILTER_FIELDS
+        if params.get(name) not in (None, "")
     }
-    grouped = (
-        qs.values(*keys).annotate(**aggregates).order_by(*keys)
-        if keys
-        else [qs.aggregate(**aggregates)]
+
+
+def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+    """Totals grouped by any dimensions and optionally by hour/day/week/month: from rollups
+    where the grain allows, the ledger for the rest (`source` says which)."""
+    dims = _group_by(params)
+    interval = parse_interval(params)
+    tz = parse_tz(params)
+    _filters({k: v for k, v in params.items() if k not in ("cursor", "limit")})  # validates
+    since, until = parse_range(params)
+    result = rollups.aggregate(
+        ledger=usage_for_principal(principal),
+        filters=exact_filters(params),
+        group_by=dims,
+        since=since,
+        until=until,
+        interval=interval,
+        tz=tz,
+        scope=scope_columns(principal),
+        limit=MAX_SUMMARY_ROWS,
     )
-    rows = list(grouped[: MAX_SUMMARY_ROWS + 1])
     out = []
-    for row in rows[:MAX_SUMMARY_ROWS]:
-        item = {k: row[k] for k in dims}
+    for key in sorted(result.rows)[:MAX_SUMMARY_ROWS]:
+        item: dict[str, Any] = dict(zip(dims, key, strict=False))
         if interval:
-            item["period"] = row["period"].isoformat() if row["period"] else None
-        for name in aggregates:
-            value = row[name]
-            if name == "cost":
-                item[name] = money(value)
-            else:
-                item[name] = value or 0
+            item["period"] = key[-1].isoformat()
+        item.update(summary_row(result.rows[key]))
         out.append(item)
     return {
         "group_by": dims,
         "interval": interval,
         "tz": str(tz),
         "currency": "USD",
+        "source": result.plan.source,
         "rows": out,
-        "truncated": len(rows) > MAX_SUMMARY_ROWS,
+        "truncated": result.truncated or len(result.rows) > MAX_SUMMARY_ROWS,
     }
 
 

@@ -12,5 +12,6 @@ urlpatterns = [
     path("pricing", apis.PricingApi.as_view(), name="pricing"),
     path("pricing/quote", apis.QuoteApi.as_view(), name="pricing-quote"),
     path("pricing/compare", apis.CompareApi.as_view(), name="pricing-compare"),
+    path("pricing/reprice", apis.RepriceApi.as_view(), name="pricing-reprice"),
     path("signals", apis.SignalsApi.as_view(), name="signals"),
 ]

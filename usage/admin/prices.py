@@ -1,12 +1,14 @@
-"""Price overrides, beside the catalogue they override (a read-only page of its own)."""
+"""Price overrides, beside the catalogue they override (a read-only page of its own), and the
+action that re-prices past usage from an override's start (a dry run to confirm, then applied)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -14,11 +16,15 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
+from tokenmgr_project.core.errors import ApiError
+from tokenmgr_project.core.principal import Principal
 from usage import pricing, services
 from usage.admin.display import EMPTY, MONEY_WIDGETS, amount, clipped, when
+from usage.admin.repricing import scope_label, signed
 from usage.models import ModelPrice
 
 CATALOGUE_PAGE = 100
@@ -34,6 +40,16 @@ def _catalogue_amount(value: str | None, *, for_override: bool = False) -> str:
     except InvalidOperation:
         return value
     return pricing.money(number.quantize(_OVERRIDE_QUANTUM) if for_override else number)
+
+
+def _posted_until(request: HttpRequest) -> datetime | None:
+    """The end of the range the confirmation page showed, so what is applied is what was shown
+    (and any usage that arrived inside that range since)."""
+    try:
+        until = datetime.fromisoformat(request.POST.get("until", ""))
+    except ValueError:
+        return None
+    return None if timezone.is_naive(until) else until
 
 
 PRICE_FIELDS = (
@@ -77,6 +93,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
     form = ModelPriceForm
     formfield_overrides = MONEY_WIDGETS
     fields = PRICE_FIELDS
+    actions = ("reprice_from_start",)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         return () if obj is None else ("provider", "model", "effective_from")
@@ -128,6 +145,105 @@ class ModelPriceAdmin(admin.ModelAdmin):
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ModelPrice]) -> None:
         for price in queryset:
             services.model_price_delete(price=price)
+
+    @admin.action(
+        description="Re-price usage from this price's effective date…", permissions=["change"]
+    )
+    def reprice_from_start(
+        self, request: HttpRequest, queryset: QuerySet[ModelPrice]
+    ) -> HttpResponse | None:
+        """The selected price's usage (its model, and its provider unless any) from its start to
+        now, priced again (usage.services.usage_reprice): a dry run shown for confirmation,
+        then applied from the confirmation's button."""
+        chosen = list(queryset[:2])
+        if len(chosen) != 1:
+            self.message_user(
+                request,
+                "Select one price: its usage is re-priced from its effective date.",
+                messages.WARNING,
+            )
+            return None
+        price = chosen[0]
+        apply = request.POST.get("post") == "yes"
+        until = _posted_until(request) if apply else timezone.now()
+        if until is None:
+            self.message_user(
+                request, "The confirmation was incomplete: try again.", messages.ERROR
+            )
+            return None
+        if price.effective_from >= until:
+            self.message_user(
+                request, f"{price} starts in the future: no usage to re-price.", messages.WARNING
+            )
+            return None
+        try:
+            result = services.usage_reprice(
+                since=price.effective_from,
+                until=until,
+                provider=price.provider,
+                model=price.model,
+                apply=apply,
+                actor=Principal.for_staff(request.user).label,
+            )
+        except ApiError as exc:
+            detail = "; ".join(m for msgs in exc.fields.values() for m in msgs)
+            self.message_user(
+                request,
+                f"Usage of {price} was not re-priced: {exc.message}"
+                + (f" ({detail})" if detail else ""),
+                messages.ERROR,
+            )
+            return None
+        if apply:
+            assert result.repricing is not None
+            self.message_user(
+                request,
+                format_html(
+                    "Re-priced {} of {} rows of {}: {} USD before, {} USD after ({} USD). "
+                    '<a href="{}">Audit entry #{}</a>.',
+                    f"{result.rows_changed:,}",
+                    f"{result.rows_seen:,}",
+                    scope_label(price.provider, price.model),
+                    pricing.money(result.cost_before),
+                    pricing.money(result.cost_after),
+                    signed(result.difference),
+                    reverse("admin:usage_repricing_change", args=[result.repricing.pk]),
+                    result.repricing.pk,
+                ),
+                messages.SUCCESS,
+            )
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Re-price usage",
+            "opts": self.opts,
+            "price": price,
+            "usage": scope_label(price.provider, price.model),
+            "since": when(result.since),
+            "until": when(result.until),
+            "until_iso": result.until.isoformat(),
+            "rows": [
+                {
+                    "model": scope_label(m.provider, m.model),
+                    "rows": f"{m.rows:,}",
+                    "rows_changed": f"{m.rows_changed:,}",
+                    "before": pricing.money(m.cost_before),
+                    "after": pricing.money(m.cost_after),
+                    "difference": signed(m.difference),
+                }
+                for m in result.models
+            ],
+            "rows_seen": f"{result.rows_seen:,}",
+            "rows_changed": f"{result.rows_changed:,}",
+            "changing": result.rows_changed,
+            "can_apply": result.rows_changed > 0,
+            "before": pricing.money(result.cost_before),
+            "after": pricing.money(result.cost_after),
+            "difference": signed(result.difference),
+            "action": "reprice_from_start",
+            "cancel_url": request.get_full_path(),
+        }
+        return TemplateResponse(request, "admin/usage/modelprice/reprice.html", context)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None

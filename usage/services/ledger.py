@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from usage import hooks
 from usage import rows as rows_codec
-from usage.models import TokenUsage
+from usage.models import LedgerPurge, TokenUsage
 from usage.rows import JSON_COLS, ROW_COLUMNS, TENANT_COL, Row
 from usage.services.config import manager_config
 
@@ -135,12 +135,23 @@ def _insert_staged(lines: list[str]) -> set[Key]:
 _PURGE_CHUNK = 10_000
 
 
-def usage_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -> int:
-    """Delete ledger rows older than retention_days (0 keeps everything), in bounded chunks."""
+def retention_cutoff(*, now: datetime | None = None) -> datetime | None:
+    """Raw rows before this instant (a whole UTC hour) are past retention; None: kept forever."""
     days = manager_config().retention_days
     if days <= 0:
+        return None
+    return ((now or timezone.now()) - timedelta(days=days)).replace(
+        minute=0, second=0, microsecond=0
+    )
+
+
+def usage_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -> int:
+    """Delete ledger rows older than retention_days (0 keeps everything), in bounded chunks.
+    Rollups keep their hours (reports over old ranges answer from them); the cutoff is
+    recorded (LedgerPurge) so what needs raw rows before it says they are gone."""
+    cutoff = retention_cutoff(now=now)
+    if cutoff is None:
         return 0
-    cutoff = (now or timezone.now()) - timedelta(days=days)
     deleted = 0
     for _ in range(max_chunks):
         ids = list(
@@ -151,4 +162,6 @@ def usage_purge_expired(*, now: datetime | None = None, max_chunks: int = 100) -
         if not ids:
             break
         deleted += TokenUsage.objects.filter(pk__in=ids).delete()[0]
+    if deleted:
+        LedgerPurge.objects.create(cutoff=cutoff, deleted=deleted, purged_at=timezone.now())
     return deleted
