@@ -94,8 +94,12 @@ class Stack:
         redis_db: int | None,
         extra_env: dict[str, str] | None = None,
         db_name: str = DB_NAME,
+        keep_db: bool = False,
     ):
         self.db_name = db_name
+        # A database that outlives the run (bench/gen_ledger.py's 10M-row ledger, reused by
+        # bench/reports.py): never dropped on exit.
+        self.keep_db = keep_db
         self.redis_db = redis_db
         self.tmp = Path(tempfile.mkdtemp(prefix="tokenmgr-bench-"))
         (self.tmp / "data").mkdir()
@@ -149,7 +153,7 @@ class Stack:
             conn.execute(f"CREATE DATABASE {self.db_name}")
 
     def drop_database(self) -> None:
-        if os.environ.get("BENCH_KEEP_DB"):
+        if self.keep_db or os.environ.get("BENCH_KEEP_DB"):
             return
         try:
             import psycopg

@@ -173,25 +173,33 @@ def dimensions(name: str, raw: str | list[str] | None) -> list[str]:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _ratio(part: int | Decimal, whole: int | Decimal) -> str | None:
-    if not whole:
-        return None
-    return str((Decimal(part) / Decimal(whole)).quantize(RATIO, ROUND_HALF_UP))
+def _rounded(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half up (away from zero), in integers: exact, and a
+    report formats thousands of these."""
+    q, r = divmod(abs(numerator), denominator)
+    q += 2 * r >= denominator
+    return -q if numerator < 0 else q
+
+
+def _fixed(scaled: int, places: int) -> str:
+    sign = "-" if scaled < 0 else ""
+    whole, frac = divmod(abs(scaled), 10**places)
+    return f"{sign}{whole}.{frac:0{places}d}"
+
+
+def _ratio(part: int, whole: int) -> str | None:
+    """part / whole to 4 places ("0.2500"), None for nothing to divide by."""
+    return _fixed(_rounded(part * 10_000, whole), 4) if whole else None
+
+
+units_text = rollups.units_text
 
 
 def figures(values: dict[str, int]) -> dict[str, Any]:
     """One group's measures and efficiency metrics, as every format shows them."""
     tokens = values["input_tokens"] + values["output_tokens"]
-    cost = rollups.units_to_money(values["cost_units"])
-    per_1k = None
     priced_tokens = tokens - values["unpriced_tokens"]
-    if priced_tokens:
-        per_1k = money((cost * 1000 / priced_tokens).quantize(Decimal("0.0000000001")))
-    latency = None
-    if values["latency_count"]:
-        latency = str(
-            (Decimal(values["latency_ms_sum"]) / values["latency_count"]).quantize(Decimal("0.1"))
-        )
+    latency = values["latency_count"]
     return {
         "requests": values["requests"],
         "input_tokens": values["input_tokens"],
@@ -199,17 +207,24 @@ def figures(values: dict[str, int]) -> dict[str, Any]:
         "cache_read_tokens": values["cache_read_tokens"],
         "cache_write_tokens": values["cache_write_tokens"],
         "total_tokens": tokens,
-        "cost": money(cost),
+        "cost": units_text(values["cost_units"]),
         "errors": values["errors"],
         "unpriced_requests": values["unpriced_requests"],
         "unpriced_tokens": values["unpriced_tokens"],
         "estimated_requests": values["estimated_requests"],
-        "estimated_cost": money(rollups.units_to_money(values["estimated_cost_units"])),
+        "estimated_cost": units_text(values["estimated_cost_units"]),
         "output_input_ratio": _ratio(values["output_tokens"], values["input_tokens"]),
-        "cost_per_1k_tokens": per_1k,
+        # USD per 1,000 priced tokens, at the ledger's scale (10 places).
+        "cost_per_1k_tokens": (
+            units_text(_rounded(values["cost_units"] * 1000, priced_tokens))
+            if priced_tokens
+            else None
+        ),
         "cache_hit_share": _ratio(values["cache_read_tokens"], values["input_tokens"]),
         "error_share": _ratio(values["errors"], values["requests"]),
-        "avg_latency_ms": latency,
+        "avg_latency_ms": (
+            _fixed(_rounded(values["latency_ms_sum"] * 10, latency), 1) if latency else None
+        ),
     }
 
 
@@ -328,7 +343,7 @@ def _table(
     """The main table's key columns and one row per group (by group, then period)."""
     keys = list(query.group_by) + (["period"] if query.interval else [])
     rows = []
-    for key in sorted(groups, key=lambda k: tuple(_period(x) for x in k)):
+    for key in sorted(groups):  # by dimension values, then chronologically
         row: dict[str, Any] = {k: _period(v) for k, v in zip(keys, key, strict=True)}
         row.update(figures(groups[key]))
         rows.append(row)

@@ -430,6 +430,28 @@ class ModelRollup(RollupMeasures):
         return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
 
 
+class ModelDayRollup(RollupMeasures):
+    """`ModelRollup` per UTC day (`bucket` is its midnight): reports over weeks of days or
+    months in UTC, totals over long ranges and budget windows read ~24 times fewer rows."""
+
+    team_id = models.CharField(max_length=128, default="")
+    project_id = models.CharField(max_length=128, default="")
+    provider = models.CharField(max_length=64, default="")
+    model = models.CharField(max_length=128)
+
+    class Meta:
+        constraints = [
+            # The triggers' ON CONFLICT target; bucket first also serves every range scan.
+            models.UniqueConstraint(
+                fields=["bucket", "team_id", "project_id", "provider", "model"],
+                name="usage_model_day_rollup_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d} {self.model}: {self.requests} requests"
+
+
 class LedgerPurge(models.Model):
     """One retention run that deleted raw usage: before `cutoff` only rollups answer."""
 

@@ -42,7 +42,14 @@ from django.db.models.functions import Cast, Coalesce, Round, Trunc
 
 from tokenmgr_project.core.errors import ApiError
 from usage import pricing
-from usage.models import LedgerPurge, ModelRollup, RollupMeasures, TokenUsage, UsageRollup
+from usage.models import (
+    LedgerPurge,
+    ModelDayRollup,
+    ModelRollup,
+    RollupMeasures,
+    TokenUsage,
+    UsageRollup,
+)
 
 FINE_DIMENSIONS = (
     "team_id",
@@ -93,17 +100,26 @@ MEASURES: dict[str, str] = {
     "short_output_tokens": _when(_SHORT, "{r}output_tokens"),
     "short_cost_units": _when(_SHORT, _COST),
 }
+# The hourly rollups, smallest first: a query reads the first that holds its dimensions.
 TABLES: tuple[tuple[type[RollupMeasures], tuple[str, ...]], ...] = (
     (ModelRollup, COARSE_DIMENSIONS),
     (UsageRollup, FINE_DIMENSIONS),
 )
+# ModelRollup per UTC day: the whole days of a range whose buckets are whole UTC days.
+DAY_TABLE = ModelDayRollup
+# Every rollup the trigger keeps: (table, dimensions, grain).
+ROLLUPS: tuple[tuple[type[RollupMeasures], tuple[str, ...], str], ...] = (
+    *((m, d, "hour") for m, d in TABLES),
+    (ModelDayRollup, COARSE_DIMENSIONS, "day"),
+)
+DAY = timedelta(days=1)
 _LEDGER = TokenUsage._meta.db_table
 
 
-def _bucket_sql(vendor: str, column: str) -> str:
+def _bucket_sql(vendor: str, column: str, grain: str = "hour") -> str:
     if vendor == "postgresql":
-        return f"date_trunc('hour', {column}, 'UTC')"
-    return f"strftime('%Y-%m-%d %H:00:00', {column})"
+        return f"date_trunc('{grain}', {column}, 'UTC')"
+    return f"strftime('%Y-%m-%d {'%H' if grain == 'hour' else '00'}:00:00', {column})"
 
 
 def upsert_sql(
@@ -113,13 +129,15 @@ def upsert_sql(
     source: str,
     *,
     per_row: bool = False,
+    grain: str = "hour",
 ) -> str:
-    """INSERT … ON CONFLICT DO UPDATE adding ledger rows into one rollup: those of table
-    `source` grouped, or (`per_row`, a SQLite row trigger) the one row NEW."""
+    """INSERT … ON CONFLICT DO UPDATE adding ledger rows into one rollup (per `grain`): those
+    of table `source` grouped, or (`per_row`, a SQLite row trigger) the one row NEW."""
     table = model._meta.db_table
     prefix = "NEW." if per_row else ""
     names = ["bucket", *dims, *MEASURES]
-    values = [_bucket_sql(vendor, f"{prefix}occurred_at"), *(f"{prefix}{d}" for d in dims)]
+    bucket = _bucket_sql(vendor, f"{prefix}occurred_at", grain)
+    values = [bucket, *(f"{prefix}{d}" for d in dims)]
     update = ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in MEASURES)
     conflict = ", ".join(["bucket", *dims])
     if per_row:
@@ -140,9 +158,9 @@ def upsert_sql(
 
 
 def trigger_sql(vendor: str) -> list[str]:
-    """The statements that install the ledger's rollup trigger (frozen into migration 0005)."""
+    """The statements that install the ledger's rollup trigger (frozen into migration 0007)."""
     if vendor == "postgresql":
-        body = ";\n".join(upsert_sql(vendor, m, d, "new_rows") for m, d in TABLES)
+        body = ";\n".join(upsert_sql(vendor, m, d, "new_rows", grain=g) for m, d, g in ROLLUPS)
         return [
             "CREATE OR REPLACE FUNCTION usage_rollup_add() RETURNS trigger LANGUAGE plpgsql AS "
             f"$$ BEGIN\n{body};\nRETURN NULL; END $$",
@@ -150,7 +168,7 @@ def trigger_sql(vendor: str) -> list[str]:
             "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
             "EXECUTE FUNCTION usage_rollup_add()",
         ]
-    body = ";\n".join(upsert_sql(vendor, m, d, "", per_row=True) for m, d in TABLES)
+    body = ";\n".join(upsert_sql(vendor, m, d, "", per_row=True, grain=g) for m, d, g in ROLLUPS)
     return [
         f"CREATE TRIGGER usage_rollup_insert AFTER INSERT ON {_LEDGER} "
         f"FOR EACH ROW BEGIN\n{body};\nEND"
@@ -171,6 +189,15 @@ def drop_trigger_sql(vendor: str) -> list[str]:
 
 def units_to_money(units: int) -> Decimal:
     return Decimal(int(units)).scaleb(-pricing.LEDGER_COST_PLACES)
+
+
+def units_text(units: int) -> str:
+    """Units as `usage.pricing.money` shows the same amount ("0.00725", "12", "-0.5")."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), UNITS_PER_USD)
+    if not frac:
+        return f"{sign}{whole}" if whole else "0"
+    return f"{sign}{whole}.{frac:0{pricing.LEDGER_COST_PLACES}d}".rstrip("0")
 
 
 def money_to_units(value: Decimal) -> int:
@@ -267,6 +294,30 @@ class Plan:
     split_hours: tuple[datetime, ...] = ()  # hours inside the rollup range read from the ledger
     ledger_ranges: tuple[tuple[datetime | None, datetime | None], ...] = ()
     reason: str = ""
+    # The whole UTC days of the rollup range that DAY_TABLE answers ([day_from, day_until)).
+    days: bool = False
+    day_from: datetime | None = None
+    day_until: datetime | None = None
+
+    def parts(
+        self,
+    ) -> list[tuple[type[RollupMeasures], list[tuple[datetime | None, datetime | None]]]]:
+        """(rollup, ranges): the rollup range split between the day and the hour table (the
+        hours before the first whole day and after the last, one query)."""
+        if self.table is None:
+            return []
+        if not self.days:
+            return [(self.table, [(self.rollup_from, self.rollup_until)])]
+        before, after = (self.rollup_from, self.day_from), (self.day_until, self.rollup_until)
+        hours: list[tuple[datetime | None, datetime | None]] = [
+            (a, b) for a, b in (before, after) if a is not None and b is not None and a < b
+        ]
+        out: list[tuple[type[RollupMeasures], list[tuple[datetime | None, datetime | None]]]] = [
+            (DAY_TABLE, [(self.day_from, self.day_until)])
+        ]
+        if hours:
+            out.append((self.table, hours))
+        return out
 
     @property
     def source(self) -> str:
@@ -312,7 +363,24 @@ def plan(
                 ledger_ranges=((since, until),),
                 reason=f"{tz} cuts {len(split)} hours into two buckets",
             )
+    utc_days = interval is None or (
+        interval in ("day", "week", "month") and (tz is None or tz.key == "UTC")
+    )
+    if table is ModelRollup and utc_days:
+        day_from = _ceil_day(start) if start else None
+        day_until = _floor_day(end) if end else None
+        if day_from is None or day_until is None or day_from < day_until:
+            return Plan(table, start, end, (), tuple(edges), "", True, day_from, day_until)
     return Plan(table, start, end, tuple(split), tuple(edges))
+
+
+def _floor_day(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil_day(at: datetime) -> datetime:
+    floor = _floor_day(at)
+    return floor if floor == at else floor + DAY
 
 
 def _known_bounds(
@@ -387,7 +455,8 @@ def _ledger_measures() -> dict[str, Any]:
 
 
 def _rollup_measures() -> dict[str, Any]:
-    return {f"m_{m}": Sum(m) for m in MEASURES}
+    # bigint, not PostgreSQL's numeric sum: the sums then come back as ints, not Decimals.
+    return {f"m_{m}": Cast(Sum(m), output_field=BigIntegerField()) for m in MEASURES}
 
 
 @dataclass(slots=True)
@@ -399,13 +468,14 @@ class Result:
     rows: dict[tuple[Any, ...], dict[str, int]] = field(default_factory=dict)
     truncated: bool = False  # a group limit was reached: some groups are missing
 
-    def add(self, key: tuple[Any, ...], values: dict[str, Any]) -> None:
+    def add(self, key: tuple[Any, ...], values: Sequence[Any]) -> None:
+        """Add one group's sums (in MEASURES order; None for 0)."""
         into = self.rows.get(key)
         if into is None:
-            self.rows[key] = {m: int(values[f"m_{m}"] or 0) for m in MEASURES}
+            self.rows[key] = {m: int(v or 0) for m, v in zip(MEASURES, values, strict=True)}
         else:
-            for m in MEASURES:
-                into[m] += int(values[f"m_{m}"] or 0)
+            for m, v in zip(MEASURES, values, strict=True):
+                into[m] += int(v or 0)
 
 
 def _time_q(column: str, ranges: Iterable[tuple[datetime | None, datetime | None]]) -> Q:
@@ -453,43 +523,73 @@ def aggregate(
         check_retained(the_plan)
     result = Result(dims, the_plan)
     keys = list(dims) + (["period"] if interval else [])
-    if the_plan.table is not None:
-        rollup_q = Q(**filters, **scope)
-        if the_plan.rollup_from:
-            rollup_q &= Q(bucket__gte=the_plan.rollup_from)
-        if the_plan.rollup_until:
-            rollup_q &= Q(bucket__lt=the_plan.rollup_until)
-        qs: QuerySet[Any] = the_plan.table.objects.filter(rollup_q)
+    period_tz = (tz or zoneinfo.ZoneInfo("UTC")) if interval else None
+    for table, ranges in the_plan.parts():
+        qs: QuerySet[Any] = table.objects.filter(_time_q("bucket", ranges), **filters, **scope)
         if the_plan.split_hours:
             qs = qs.exclude(bucket__in=the_plan.split_hours)
         if interval:
-            qs = qs.annotate(period=Trunc("bucket", interval, tzinfo=tz))
-        _collect(result, qs, keys, _rollup_measures(), limit)
+            qs = qs.annotate(period=Trunc("bucket", interval, tzinfo=period_tz))
+        _collect(result, qs, keys, _rollup_measures(), limit, period_tz=period_tz)
     raw_ranges = list(the_plan.ledger_ranges) + [(h, h + HOUR) for h in the_plan.split_hours]
     if raw_ranges:
         raw = ledger.filter(_time_q("occurred_at", raw_ranges), **filters)
         if interval:
-            raw = raw.annotate(period=Trunc("occurred_at", interval, tzinfo=tz))
-        _collect(result, raw, keys, _ledger_measures(), limit)
+            raw = raw.annotate(period=Trunc("occurred_at", interval, tzinfo=period_tz))
+        _collect(result, raw, keys, _ledger_measures(), limit, period_tz=period_tz)
     return result
 
 
 def _collect(
-    result: Result, qs: QuerySet[Any], keys: list[str], measures: dict[str, Any], limit: int | None
+    result: Result,
+    qs: QuerySet[Any],
+    keys: list[str],
+    measures: dict[str, Any],
+    limit: int | None,
+    *,
+    period_tz: zoneinfo.ZoneInfo | None = None,
 ) -> None:
-    if keys:
-        grouped: Any = qs.values(*keys).annotate(**measures).order_by(*keys)
-        if limit is not None:
-            grouped = list(grouped[: limit + 1])
-            if len(grouped) > limit:
-                result.truncated = True
-                grouped = grouped[:limit]
-    else:
-        grouped = [qs.aggregate(**measures)]
-    for row in grouped:
-        if not keys and row["m_requests"] is None:
-            continue
-        result.add(tuple(row[k] for k in keys), row)
+    """Add `qs` grouped by `keys` (the last one `period` when `period_tz` is given)."""
+    if not keys:
+        total = qs.aggregate(**measures)
+        if total["m_requests"] is not None:
+            result.add((), [total[f"m_{m}"] for m in MEASURES])
+        return
+    grouped: Any = qs.values(*keys).annotate(**measures).order_by(*keys)
+    if limit is not None:
+        grouped = grouped[: limit + 1]
+    rows = (
+        _fetch(grouped, len(keys), period_tz)
+        if connection.vendor == "postgresql"
+        else [(tuple(r[k] for k in keys), [r[f"m_{m}"] for m in MEASURES]) for r in grouped]
+    )
+    if limit is not None and len(rows) > limit:
+        result.truncated = True
+        rows = rows[:limit]
+    for key, values in rows:
+        result.add(key, values)
+
+
+def _fetch(
+    grouped: QuerySet[Any], width: int, period_tz: zoneinfo.ZoneInfo | None
+) -> list[tuple[tuple[Any, ...], list[Any]]]:
+    """The grouped query's rows as psycopg gives them: thousands of groups times 19 sums would
+    otherwise spend most of a report's time in the ORM's per-value converters. PostgreSQL only,
+    whose values need one conversion, done here as Trunc's converter does it: the period (a
+    local time truncated in `period_tz`) is made aware. The sums are cast to bigint."""
+    sql, params = grouped.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found = cursor.fetchall()
+    if period_tz is None:
+        return [(tuple(row[:width]), list(row[width:])) for row in found]
+    return [
+        ((*row[: width - 1], _aware(row[width - 1], period_tz)), list(row[width:])) for row in found
+    ]
+
+
+def _aware(value: datetime, tz: zoneinfo.ZoneInfo) -> datetime:
+    return value.replace(tzinfo=tz) if value.tzinfo is None else value.astimezone(tz)
 
 
 def totals_sql(
@@ -500,10 +600,9 @@ def totals_sql(
     the edges from the ledger. The budget counters' ledger figure."""
     the_plan = plan(dimensions=filters, since=since, until=until)
     parts: list[tuple[str, Any]] = []
-    if the_plan.table is not None:
-        rollup_q = Q(**filters, bucket__gte=the_plan.rollup_from, bucket__lt=the_plan.rollup_until)
+    for table, ranges in the_plan.parts():
         parts.append(
-            the_plan.table.objects.filter(rollup_q)
+            table.objects.filter(_time_q("bucket", ranges), **filters)
             .order_by()
             .annotate(c=F("cost_units"), t=F("input_tokens") + F("output_tokens"), n=F("requests"))
             .values_list("c", "t", "n")
@@ -549,9 +648,10 @@ class Rebuilt:
 
 
 def rebuild(*, since: datetime, until: datetime) -> list[Rebuilt]:
-    """Recompute both rollups for the whole hours of [since, until) from the ledger, exactly,
-    and report what differed. The ledger is held still meanwhile (writes wait; a day at a
-    time keeps that short). A 400 for hours whose raw usage retention deleted."""
+    """Recompute the hourly rollups for the whole hours of [since, until) from the ledger, and
+    the daily one for their days from the hourly, exactly, and report what differed. The
+    ledger is held still meanwhile (writes wait; a day at a time keeps that short). A 400 for
+    hours whose raw usage retention deleted."""
     start, end = _floor_hour(since), _ceil_hour(until)
     cutoff = purged_before()
     if cutoff is not None and start < cutoff:
@@ -561,7 +661,7 @@ def rebuild(*, since: datetime, until: datetime) -> list[Rebuilt]:
                 "since": [f"Rebuild from {cutoff.isoformat()} on: before, only rollups remain."]
             },
         )
-    out = {m: [0, 0, 0] for m, _ in TABLES}
+    out = {m: [0, 0, 0] for m, _d, _g in ROLLUPS}
     day = start
     while day < end:
         stop = min(day + timedelta(days=1), end)
@@ -570,19 +670,43 @@ def rebuild(*, since: datetime, until: datetime) -> list[Rebuilt]:
                 with connection.cursor() as cursor:
                     cursor.execute(f"LOCK TABLE {_LEDGER} IN SHARE MODE")
             for model, dims in TABLES:
-                changed, requests, cost = _rebuild_range(model, dims, day, stop)
-                acc = out[model]
-                acc[0] += changed
-                acc[1] += requests
-                acc[2] += cost
+                ledger = TokenUsage.objects.filter(occurred_at__gte=day, occurred_at__lt=stop)
+                hourly = ledger.annotate(bucket=Trunc("occurred_at", "hour", tzinfo=UTC))
+                found = _rebuild_range(
+                    model, dims, day, stop, source=hourly, measures=_ledger_measures()
+                )
+                out[model] = [a + b for a, b in zip(out[model], found, strict=True)]
+            # The days those hours belong to, summed again from the hourly table.
+            first, last = _floor_day(day), _ceil_day(stop)
+            hours_of_days = ModelRollup.objects.filter(bucket__gte=first, bucket__lt=last)
+            daily = hours_of_days.annotate(day=Trunc("bucket", "day", tzinfo=UTC))
+            found = _rebuild_range(
+                DAY_TABLE,
+                COARSE_DIMENSIONS,
+                first,
+                last,
+                source=daily,
+                measures=_rollup_measures(),
+                bucket_from="day",
+            )
+            out[DAY_TABLE] = [a + b for a, b in zip(out[DAY_TABLE], found, strict=True)]
         day = stop
     hours = int((end - start) / HOUR)
-    return [Rebuilt(m._meta.db_table, hours, *out[m]) for m, _ in TABLES]
+    return [Rebuilt(m._meta.db_table, hours, *out[m]) for m in out]
 
 
 def _rebuild_range(
-    model: type[RollupMeasures], dims: Sequence[str], start: datetime, end: datetime
+    model: type[RollupMeasures],
+    dims: Sequence[str],
+    start: datetime,
+    end: datetime,
+    *,
+    source: QuerySet[Any],
+    measures: dict[str, Any],
+    bucket_from: str = "bucket",
 ) -> tuple[int, int, int]:
+    """Make `model`'s rows in [start, end) equal to `source` grouped by (`bucket_from`, dims)
+    with `measures` (m_-prefixed): (groups changed, requests added, cost units added)."""
     keys = ["bucket", *dims]
     stored = {
         tuple(r[k] for k in keys): r
@@ -591,14 +715,9 @@ def _rebuild_range(
         )
     }
     want: dict[tuple[Any, ...], dict[str, Any]] = {}
-    raw = (
-        TokenUsage.objects.filter(occurred_at__gte=start, occurred_at__lt=end)
-        .annotate(bucket=Trunc("occurred_at", "hour", tzinfo=UTC))
-        .values(*keys)
-        .annotate(**_ledger_measures())
-        .order_by()
-    )
+    raw = source.values(bucket_from, *dims).annotate(**measures).order_by()
     for row in raw:
+        row["bucket"] = row[bucket_from]
         want[tuple(row[k] for k in keys)] = {m: int(row[f"m_{m}"] or 0) for m in MEASURES}
     changed = requests = cost = 0
     stale = [k for k in stored if k not in want]
@@ -702,17 +821,18 @@ def _add_deltas(
 
 
 def adjust(*, before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]) -> int:
-    """Move both rollups from `before` to `after`: the same ledger rows (ADJUST_COLUMNS) as
+    """Move every rollup from `before` to `after`: the same ledger rows (ADJUST_COLUMNS) as
     they were and as they are now rewritten, in the caller's transaction (the rewrite's).
     Adds the difference per hour and group, so usage arriving meanwhile stays counted.
     Returns how many rollup rows changed."""
     changed = 0
     before, after = list(before), list(after)
-    for model, dims in TABLES:
+    for model, dims, grain in ROLLUPS:
+        floor = _floor_hour if grain == "hour" else _floor_day
         delta: dict[tuple[Any, ...], dict[str, int]] = {}
         for sign, rows in ((-1, before), (1, after)):
             for row in rows:
-                key = (_floor_hour(row["occurred_at"].astimezone(UTC)), *(row[d] for d in dims))
+                key = (floor(row["occurred_at"].astimezone(UTC)), *(row[d] for d in dims))
                 into = delta.setdefault(key, dict.fromkeys(MEASURES, 0))
                 for name, value in _contribution(row).items():
                     into[name] += sign * value

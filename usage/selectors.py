@@ -21,7 +21,6 @@ from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal, in_scope
 from usage import buffer, rollups
 from usage.models import ATTRIBUTION_DIMENSIONS, ModelPrice, TokenUsage
-from usage.pricing import money
 
 FILTER_FIELDS = (*ATTRIBUTION_DIMENSIONS, "provider", "model", "status")
 GROUP_FIELDS = FILTER_FIELDS
@@ -183,11 +182,11 @@ def summary_row(values: dict[str, int]) -> dict[str, Any]:
         "cache_read_tokens": values["cache_read_tokens"],
         "cache_write_tokens": values["cache_write_tokens"],
         "total_tokens": values["input_tokens"] + values["output_tokens"],
-        "cost": money(rollups.units_to_money(values["cost_units"])),
+        "cost": rollups.units_text(values["cost_units"]),
         "unpriced_requests": values["unpriced_requests"],
         "unpriced_tokens": values["unpriced_tokens"],
         "estimated_requests": values["estimated_requests"],
-        "estimated_cost": money(rollups.units_to_money(values["estimated_cost_units"])),
+        "estimated_cost": rollups.units_text(values["estimated_cost_units"]),
         "errors": values["errors"],
     }
 
@@ -243,6 +242,8 @@ def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, 
         scope=scope_columns(principal),
         limit=MAX_SUMMARY_ROWS,
     )
+    if not dims and not interval and not result.rows:
+        result.rows[()] = dict.fromkeys(rollups.MEASURES, 0)  # a total is a row, even of nothing
     out = []
     for key in sorted(result.rows)[:MAX_SUMMARY_ROWS]:
         item: dict[str, Any] = dict(zip(dims, key, strict=False))

