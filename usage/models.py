@@ -408,14 +408,24 @@ class UsageRollup(RollupMeasures):
         return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
 
 
-class ModelRollup(RollupMeasures):
-    """The same per hour, team, project, provider and model only: the small table that reports
-    by those dimensions (the common ones) read (usage.rollups.COARSE_DIMENSIONS)."""
+class ModelGroupRollup(RollupMeasures):
+    """Both team/project/provider/model rollups' group (usage.rollups.COARSE_DIMENSIONS)."""
 
     team_id = models.CharField(max_length=128, default="")
     project_id = models.CharField(max_length=128, default="")
     provider = models.CharField(max_length=64, default="")
     model = models.CharField(max_length=128)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
+
+
+class ModelRollup(ModelGroupRollup):
+    """The same per hour, team, project, provider and model only: the small table that reports
+    by those dimensions (the common ones) read."""
 
     class Meta:
         constraints = [
@@ -426,18 +436,10 @@ class ModelRollup(RollupMeasures):
             ),
         ]
 
-    def __str__(self) -> str:
-        return f"{self.bucket:%Y-%m-%d %H:00} {self.model}: {self.requests} requests"
 
-
-class ModelDayRollup(RollupMeasures):
+class ModelDayRollup(ModelGroupRollup):
     """`ModelRollup` per UTC day (`bucket` is its midnight): reports over weeks of days or
     months in UTC, totals over long ranges and budget windows read ~24 times fewer rows."""
-
-    team_id = models.CharField(max_length=128, default="")
-    project_id = models.CharField(max_length=128, default="")
-    provider = models.CharField(max_length=64, default="")
-    model = models.CharField(max_length=128)
 
     class Meta:
         constraints = [
@@ -447,9 +449,6 @@ class ModelDayRollup(RollupMeasures):
                 name="usage_model_day_rollup_unique",
             ),
         ]
-
-    def __str__(self) -> str:
-        return f"{self.bucket:%Y-%m-%d} {self.model}: {self.requests} requests"
 
 
 class LedgerPurge(models.Model):
