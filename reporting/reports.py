@@ -256,7 +256,7 @@ def _top(
     out = [
         {
             dim: key[0],
-            "cost": money(rollups.units_to_money(v["cost_units"])),
+            "cost": units_text(v["cost_units"]),
             "share_of_cost": _ratio(v["cost_units"], total_units),
             "requests": v["requests"],
             "total_tokens": v["input_tokens"] + v["output_tokens"],
@@ -271,7 +271,7 @@ def _top(
         out.append(
             {
                 dim: f"(other {len(ranked) - n})",
-                "cost": money(rollups.units_to_money(rest["cost_units"])),
+                "cost": units_text(rest["cost_units"]),
                 "share_of_cost": _ratio(rest["cost_units"], total_units),
                 "requests": rest["requests"],
                 "total_tokens": rest["input_tokens"] + rest["output_tokens"],
@@ -316,7 +316,7 @@ def usage_report(query: Query) -> dict[str, Any]:
             "provider": k[0],
             "model": k[1],
             "requests": v["requests"],
-            "cost": money(rollups.units_to_money(v["cost_units"])),
+            "cost": units_text(v["cost_units"]),
             "share_of_cost": _ratio(v["cost_units"], total["cost_units"]),
             "share_of_requests": _ratio(v["requests"], total["requests"]),
         }
@@ -388,7 +388,7 @@ def cost_report(query: Query) -> dict[str, Any]:
         for key in sorted(by_time.rows, key=lambda k: (_period(k[-1]), *map(str, k[:-1]))):
             item: dict[str, Any] = {"period": _period(key[-1])}
             item.update(zip(dims, key[:-1], strict=True))
-            item["cost"] = money(rollups.units_to_money(by_time.rows[key]["cost_units"]))
+            item["cost"] = units_text(by_time.rows[key]["cost_units"])
             series.append(item)
     return {
         **query.header(_source(sources)),
@@ -399,7 +399,7 @@ def cost_report(query: Query) -> dict[str, Any]:
             **_change(total_now["cost_units"], total_before["cost_units"], total_now["cost_units"]),
             "requests": total_now["requests"],
             "unpriced_requests": total_now["unpriced_requests"],
-            "estimated_cost": money(rollups.units_to_money(total_now["estimated_cost_units"])),
+            "estimated_cost": units_text(total_now["estimated_cost_units"]),
         },
         "columns": [
             *dims,
@@ -418,15 +418,12 @@ def cost_report(query: Query) -> dict[str, Any]:
 
 
 def _change(now_units: int, before_units: int, total_units: int) -> dict[str, Any]:
-    now, before = rollups.units_to_money(now_units), rollups.units_to_money(before_units)
-    pct = None
-    if before_units:
-        pct = str(((now - before) * 100 / before).quantize(Decimal("0.01"), ROUND_HALF_UP))
+    change = now_units - before_units
     return {
-        "cost": money(now),
-        "previous_cost": money(before),
-        "change": money(now - before),
-        "change_pct": pct,
+        "cost": units_text(now_units),
+        "previous_cost": units_text(before_units),
+        "change": units_text(change),
+        "change_pct": _fixed(_rounded(change * 10_000, before_units), 2) if before_units else None,
         "share_of_cost": _ratio(now_units, total_units),
     }
 

@@ -418,9 +418,14 @@ def check_retained(plan_: Plan, *, name: str = "since") -> None:
 # --- answering it --------------------------------------------------------------------------------
 
 
+def _cost_units() -> Any:
+    """A ledger row's cost in units (the trigger's _COST, as an ORM expression)."""
+    return Cast(Round(F("cost") * UNITS_PER_USD), output_field=BigIntegerField())
+
+
 def _ledger_measures() -> dict[str, Any]:
     """MEASURES as ORM aggregates over ledger rows (the raw half of a plan)."""
-    cost = Cast(Round(F("cost") * UNITS_PER_USD), output_field=BigIntegerField())
+    cost = _cost_units()
     short = Q(output_tokens__lte=SHORT_OUTPUT_TOKENS, status=TokenUsage.Status.SUCCESS)
     error = Q(status=TokenUsage.Status.ERROR)
 
@@ -613,7 +618,7 @@ def totals_sql(
             TokenUsage.objects.filter(_time_q("occurred_at", the_plan.ledger_ranges), **filters)
             .order_by()
             .annotate(
-                c=Cast(Round(F("cost") * UNITS_PER_USD), output_field=BigIntegerField()),
+                c=_cost_units(),
                 t=F("total_tokens"),
                 n=Value(1, output_field=BigIntegerField()),
             )
