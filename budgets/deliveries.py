@@ -1,5 +1,5 @@
 """Delivery of budget alerts (SPEC §5) through the alert channels: status feed, email and
-signed webhooks.
+signed webhooks. Other apps' notices (reporting's anomalies) go the same way: `notices_deliver`.
 
 Each new alert gets one `AlertDelivery` per active channel whose kind is enabled in the manager
 settings (budgets.alerts creates the alerts); deliveries are sent after commit and retried with
@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -70,6 +71,61 @@ def alert_deliveries_create(alerts: Sequence[BudgetAlert]) -> None:
     )
     ids = [d.pk for d in deliveries]
     transaction.on_commit(partial(_enqueue_deliveries, ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What a channel sends: the one-line message, email lines under it, the JSON body a webhook
+    and the status feed carry, and the scope whose viewers may see it on the live feed."""
+
+    kind: str  # budget_alert, anomaly, …
+    message: str
+    payload: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+    team_id: str = ""
+    project_id: str = ""
+
+    @classmethod
+    def of(cls, delivery: AlertDelivery) -> Notice:
+        if delivery.alert_id is not None:
+            return alert_notice(delivery.alert)
+        return cls(**(delivery.notice or {}))
+
+
+def alert_notice(alert: BudgetAlert) -> Notice:
+    budget = alert.budget
+    return Notice(
+        kind="budget_alert",
+        message=alert.message,
+        payload=alert_payload(alert),
+        lines=[
+            f"Budget: {budget}",
+            f"Alert: {alert.get_kind_display()} ({alert.metric})",
+            f"Period starting: {alert.period_start.astimezone(budget.tz):%Y-%m-%d %H:%M %Z}",
+        ],
+        team_id=budget.team_id,
+        project_id=budget.project_id,
+    )
+
+
+def notices_deliver(notices: Sequence[Notice]) -> int:
+    """One pending delivery per notice and enabled channel, sent after commit (retried like
+    alerts). Returns how many deliveries were created."""
+    kinds = set(manager_config().alert_channels)
+    channels = list(AlertChannel.objects.filter(is_active=True, kind__in=kinds))
+    if not notices or not channels:
+        return 0
+    now = timezone.now()
+    deliveries = AlertDelivery.objects.bulk_create(
+        [
+            AlertDelivery(notice=asdict(notice), channel=channel, next_attempt_at=now)
+            for notice in notices
+            for channel in channels
+        ]
+    )
+    ids = [d.pk for d in deliveries]
+    transaction.on_commit(partial(_enqueue_deliveries, ids))
+    return len(ids)
 
 
 def _announce_alerts(alerts: list[BudgetAlert]) -> None:
@@ -130,10 +186,10 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_NoRedirects)
 
 
-def _send_webhook(channel: AlertChannel, alert: BudgetAlert) -> None:
+def _send_webhook(channel: AlertChannel, notice: Notice) -> None:
     if urlsplit(channel.target).scheme not in {"http", "https"}:
         raise DeliveryError("webhook target is not an http(s) URL", permanent=True)
-    body = json.dumps(alert_payload(alert), separators=(",", ":"), sort_keys=True).encode()
+    body = json.dumps(notice.payload, separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(timezone.now().timestamp()))
     request = urllib.request.Request(
         channel.target,
@@ -157,18 +213,11 @@ def _send_webhook(channel: AlertChannel, alert: BudgetAlert) -> None:
         raise DeliveryError(f"HTTP {code}")
 
 
-def _send_email(channel: AlertChannel, alert: BudgetAlert) -> None:
-    budget = alert.budget
-    lines = [
-        alert.message,
-        "",
-        f"Budget: {budget}",
-        f"Alert: {alert.get_kind_display()} ({alert.metric})",
-        f"Period starting: {alert.period_start.astimezone(budget.tz):%Y-%m-%d %H:%M %Z}",
-    ]
+def _send_email(channel: AlertChannel, notice: Notice) -> None:
+    lines = [notice.message, "", *notice.lines]
     try:
         send_mail(
-            subject=f"[tokenmgr] {alert.message}"[:200],
+            subject=f"[tokenmgr] {notice.message}"[:200],
             message="\n".join(lines),
             from_email=None,
             recipient_list=[channel.target],
@@ -177,7 +226,7 @@ def _send_email(channel: AlertChannel, alert: BudgetAlert) -> None:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
 
-Sender = Callable[[AlertChannel, BudgetAlert], None]
+Sender = Callable[[AlertChannel, Notice], None]
 _SENDERS: dict[str, Sender] = {
     AlertChannel.Kind.EMAIL: _send_email,
     AlertChannel.Kind.WEBHOOK: _send_webhook,
@@ -185,8 +234,8 @@ _SENDERS: dict[str, Sender] = {
 
 
 def register_sender(kind: str, sender: Sender) -> None:
-    """How alerts reach a channel kind that another app provides (reporting: the live status
-    feed, registered in ReportingConfig.ready())."""
+    """How alerts and notices reach a channel kind that another app provides (reporting: the
+    live status feed, registered in ReportingConfig.ready())."""
     _SENDERS[kind] = sender
 
 
@@ -217,7 +266,7 @@ def alert_delivery_send(*, delivery_id: int, now: datetime | None = None) -> Ale
         sender = _SENDERS.get(delivery.channel.kind)
         if sender is None:
             raise DeliveryError(f"no sender for {delivery.channel.kind} channels", permanent=True)
-        sender(delivery.channel, delivery.alert)
+        sender(delivery.channel, Notice.of(delivery))
     except DeliveryError as exc:
         delivery.last_error = str(exc)[:500]
         if exc.permanent or delivery.attempts >= MAX_ATTEMPTS:

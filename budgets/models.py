@@ -452,7 +452,12 @@ class AlertDelivery(models.Model):
         SENT = "sent"
         FAILED = "failed"
 
-    alert = models.ForeignKey(BudgetAlert, on_delete=models.CASCADE, related_name="deliveries")
+    # A budget alert, or (alert empty) another app's notice (budgets.deliveries.Notice as JSON:
+    # an anomaly from reporting), sent through the same channels with the same retries.
+    alert = models.ForeignKey(
+        BudgetAlert, on_delete=models.CASCADE, related_name="deliveries", null=True, blank=True
+    )
+    notice = models.JSONField(null=True, blank=True)
     channel = models.ForeignKey(AlertChannel, on_delete=models.CASCADE, related_name="deliveries")
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
@@ -463,6 +468,10 @@ class AlertDelivery(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["alert", "channel"], name="delivery_once"),
+            models.CheckConstraint(
+                condition=Q(alert__isnull=False) | Q(notice__isnull=False),
+                name="delivery_has_subject",
+            ),
         ]
         indexes = [
             # budgets.tasks retry sweep: deliveries still to attempt.
@@ -474,7 +483,8 @@ class AlertDelivery(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.alert_id} → {self.channel} ({self.status})"
+        subject = self.alert_id if self.alert_id else (self.notice or {}).get("kind", "notice")
+        return f"{subject} → {self.channel} ({self.status})"
 
 
 class AgentProfile(models.Model):

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from budgets import deliveries
-from budgets.models import AlertChannel, BudgetAlert
+from budgets.models import AlertChannel
 from reporting.models import QueuedStatus, StatusCategory
 from tokenmgr_project.core import redis as tm_redis
 
@@ -410,14 +410,17 @@ def status_queue_stats() -> dict[str, Any]:
     return body
 
 
-def alert_status_send(channel: AlertChannel, alert: BudgetAlert) -> None:
-    """A budget alert on the live status feed (a `status` alert channel; budgets.deliveries
-    calls it). In the budget's scope: a team budget's alert reaches the team's viewers only."""
+def alert_status_send(channel: AlertChannel, notice: deliveries.Notice) -> None:
+    """A budget alert or an anomaly on the live status feed (a `status` alert channel;
+    budgets.deliveries calls it). In the notice's scope: a team budget's alert reaches the team's
+    viewers only."""
     status_publish(
         conversation_id=channel.target,
-        category=StatusCategory.BUDGET,
-        message=alert.message,
-        metadata=deliveries.alert_payload(alert),
-        team_id=alert.budget.team_id,
-        project_id=alert.budget.project_id,
+        category=(
+            StatusCategory.BUDGET if notice.kind == "budget_alert" else StatusCategory.ANALYSIS
+        ),
+        message=notice.message,
+        metadata=notice.payload,
+        team_id=notice.team_id,
+        project_id=notice.project_id,
     )
