@@ -250,3 +250,15 @@ def generate_report(principal: Principal, data: Any) -> Outcome:
 )
 def aggregate_usage(principal: Principal, data: Any) -> Outcome:
     return Outcome(reports.aggregate_table(principal, data))
+
+
+# --- analytics: trends and anomalies (reporting.trends, reporting.anomalies) ---
+
+
+# --- analytics: forecasts (reporting.forecasts) ---
+
+
+# --- analytics: recommendations (reporting.recommendations) ---
+
+
+# --- analytics: reconciliation with provider bills (reporting.reconcile) ---

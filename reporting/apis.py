@@ -149,3 +149,15 @@ class ReportApi(ActionView):
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # ?format= names the body the report makes (json, csv, md); never a DRF renderer.
         return JSONRenderer(), JSONRenderer.media_type
+
+
+# --- analytics: trends and anomalies ---
+
+
+# --- analytics: forecasts ---
+
+
+# --- analytics: recommendations ---
+
+
+# --- analytics: reconciliation ---

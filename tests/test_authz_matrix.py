@@ -112,6 +112,10 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     # Reports (issue 12), scoped like usage; the matrix asks for the cost report, which also reads
     # budgets (staff need both view permissions: the approver has only budgets').
     ("GET", "reports/<str:kind>"):             (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    # Analytics (issue 13): trends and anomalies.
+    # Analytics: forecasts.
+    # Analytics: recommendations.
+    # Analytics: reconciliation with provider bills.
     # The schema and docs are public; a presented key is still authenticated, and a dead one fails.
     ("GET", "api/schema/"):                    (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("GET", "api/docs/"):                      (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
@@ -137,6 +141,7 @@ PAGE_MATRIX: dict[str, tuple[int, ...]] = {
     "admin/provenance/workflows/<path:workflow_id>/":     _PAGE,
     # The Reports page (issue 12).
     "admin/reports/":                                     _PAGE,
+    # Analytics pages (issue 13).
 }
 # fmt: on
 

@@ -94,4 +94,6 @@ app.conf.beat_schedule = {
         "task": "budgets.tasks.overrides_expire",
         "schedule": 60.0,
     },
+    # analytics: anomalies
+    # analytics: recommendations
 }
