@@ -203,6 +203,9 @@ class Command(BaseCommand):
         reprice.add_argument("--apply", action="store_true", help="Rewrite the costs.")
         reprice.add_argument("--json", action="store_true", help="Print JSON.")
 
+        # analytics: reconcile (arguments)
+        # analytics: backtest (arguments)
+
     @staticmethod
     def _filters(parser: CommandParser) -> None:
         parser.add_argument("--agent")
@@ -230,6 +233,7 @@ class Command(BaseCommand):
             "budget": self.budget,
             "cost": self.cost,
             "reprice": self.reprice,
+            # analytics: verbs
         }
         try:
             verbs[options["verb"]](options)
