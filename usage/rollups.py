@@ -472,14 +472,15 @@ class Result:
     plan: Plan
     rows: dict[tuple[Any, ...], dict[str, int]] = field(default_factory=dict)
     truncated: bool = False  # a group limit was reached: some groups are missing
+    measures: tuple[str, ...] = tuple(MEASURES)  # what each row holds, in MEASURES order
 
     def add(self, key: tuple[Any, ...], values: Sequence[Any]) -> None:
-        """Add one group's sums (in MEASURES order; None for 0)."""
+        """Add one group's sums (in `measures` order; None for 0)."""
         into = self.rows.get(key)
         if into is None:
-            self.rows[key] = {m: int(v or 0) for m, v in zip(MEASURES, values, strict=True)}
+            self.rows[key] = {m: int(v or 0) for m, v in zip(self.measures, values, strict=True)}
         else:
-            for m, v in zip(MEASURES, values, strict=True):
+            for m, v in zip(self.measures, values, strict=True):
                 into[m] += int(v or 0)
 
 
@@ -512,8 +513,10 @@ def aggregate(
     scope: dict[str, str] | None = None,
     limit: int | None = None,
     check: bool = True,
+    measures: Sequence[str] = tuple(MEASURES),
 ) -> Result:
     """Measure sums over [since, until) grouped by `group_by` (and `interval` buckets in `tz`).
+    Only `measures` are summed (default all): a long series of one figure reads faster.
 
     `ledger` is the caller's already scoped ledger queryset (its filters are applied to the raw
     half); `scope` the same scope as column values for the rollup half (a team/project key).
@@ -521,12 +524,22 @@ def aggregate(
     At most `limit` groups are read from each half (`truncated` says when more exist)."""
     scope = scope or {}
     dims = tuple(group_by)
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise ValueError(f"unknown measures: {sorted(unknown)}")
+    measures = tuple(m for m in MEASURES if m in set(measures))
+    if any(filters.get(name, value) != value for name, value in scope.items()):
+        # A filter outside the caller's scope matches nothing (and says nothing about it).
+        empty = plan(dimensions=[], since=since, until=until, interval=interval, tz=tz)
+        return Result(dims, empty, measures=measures)
+    filters = {name: value for name, value in filters.items() if name not in scope}
     the_plan = plan(
         dimensions=[*filters, *dims, *scope], since=since, until=until, interval=interval, tz=tz
     )
     if check:
         check_retained(the_plan)
-    result = Result(dims, the_plan)
+    result = Result(dims, the_plan, measures=measures)
+    wanted = set(measures)
     keys = list(dims) + (["period"] if interval else [])
     period_tz = (tz or zoneinfo.ZoneInfo("UTC")) if interval else None
     for table, ranges in the_plan.parts():
@@ -535,14 +548,19 @@ def aggregate(
             qs = qs.exclude(bucket__in=the_plan.split_hours)
         if interval:
             qs = qs.annotate(period=Trunc("bucket", interval, tzinfo=period_tz))
-        _collect(result, qs, keys, _rollup_measures(), limit, period_tz=period_tz)
+        _collect(result, qs, keys, _only(_rollup_measures(), wanted), limit, period_tz=period_tz)
     raw_ranges = list(the_plan.ledger_ranges) + [(h, h + HOUR) for h in the_plan.split_hours]
     if raw_ranges:
         raw = ledger.filter(_time_q("occurred_at", raw_ranges), **filters)
         if interval:
             raw = raw.annotate(period=Trunc("occurred_at", interval, tzinfo=period_tz))
-        _collect(result, raw, keys, _ledger_measures(), limit, period_tz=period_tz)
+        _collect(result, raw, keys, _only(_ledger_measures(), wanted), limit, period_tz=period_tz)
     return result
+
+
+def _only(aggregates: dict[str, Any], wanted: set[str]) -> dict[str, Any]:
+    """The aggregates of the wanted measures, in MEASURES order (Result.add's)."""
+    return {k: v for k, v in aggregates.items() if k[2:] in wanted}
 
 
 def _collect(
@@ -557,8 +575,8 @@ def _collect(
     """Add `qs` grouped by `keys` (the last one `period` when `period_tz` is given)."""
     if not keys:
         total = qs.aggregate(**measures)
-        if total["m_requests"] is not None:
-            result.add((), [total[f"m_{m}"] for m in MEASURES])
+        if any(v is not None for v in total.values()):
+            result.add((), [total[f"m_{m}"] for m in result.measures])
         return
     grouped: Any = qs.values(*keys).annotate(**measures).order_by(*keys)
     if limit is not None:
@@ -566,7 +584,7 @@ def _collect(
     rows = (
         _fetch(grouped, len(keys), period_tz)
         if connection.vendor == "postgresql"
-        else [(tuple(r[k] for k in keys), [r[f"m_{m}"] for m in MEASURES]) for r in grouped]
+        else [(tuple(r[k] for k in keys), [r[f"m_{m}"] for m in result.measures]) for r in grouped]
     )
     if limit is not None and len(rows) > limit:
         result.truncated = True

@@ -213,3 +213,43 @@ def test_budget_spend_counts_usage_that_retention_purged(platform: Persona) -> N
 def test_a_summary_without_groups_is_one_row_even_of_nothing(platform: Persona) -> None:
     body = platform.client.get("/api/v1/usage/summary", {"since": _at(0)}).json()
     assert [(r["requests"], r["cost"]) for r in body["rows"]] == [(0, "0")]
+
+
+@pytest.mark.parametrize("interval", [None, "hour", "day"])
+def test_a_subset_of_measures_sums_the_same_as_all(platform: Persona, interval: str | None) -> None:
+    """aggregate(measures=...) reads only those sums, rollup and ledger halves alike."""
+    _post(platform, _mixed())
+    since, until = BASE + timedelta(minutes=20), BASE + timedelta(hours=15, minutes=10)
+    common: dict[str, Any] = {
+        "ledger": TokenUsage.objects.all(),
+        "filters": {},
+        "group_by": ["team_id"],
+        "since": since,
+        "until": until,
+        "interval": interval,
+    }
+    everything = rollups.aggregate(**common)
+    some = rollups.aggregate(**common, measures=("output_tokens", "cost_units"))
+    assert some.plan.source == "rollups+ledger"
+    assert some.rows
+    assert some.rows == {
+        key: {"output_tokens": v["output_tokens"], "cost_units": v["cost_units"]}
+        for key, v in everything.rows.items()
+    }
+    with pytest.raises(ValueError, match="unknown measures"):
+        rollups.aggregate(**common, measures=("cost",))
+
+
+def test_a_filter_outside_the_scope_matches_nothing(platform: Persona) -> None:
+    _post(platform, _mixed())
+    common: dict[str, Any] = {
+        "ledger": TokenUsage.objects.all(),
+        "group_by": ["team_id"],
+        "since": BASE,
+        "until": BASE + timedelta(hours=20),
+        "scope": {"team_id": "t0"},
+    }
+    assert rollups.aggregate(**common, filters={"team_id": "t1"}).rows == {}
+    inside = rollups.aggregate(**common, filters={"team_id": "t0"}).rows
+    assert list(inside) == [("t0",)]
+    assert inside == rollups.aggregate(**common, filters={}).rows

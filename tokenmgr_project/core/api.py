@@ -4,11 +4,13 @@ response. No rules here: actions hold them (core.actions)."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
-from pydantic import Field, ValidationError
+from drf_spectacular.utils import OpenApiParameter
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_core import PydanticUndefined
 from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -134,3 +136,33 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return response
     response.data = error_body(exc, response.status_code)
     return response
+
+
+def query_parameters(model: type[BaseModel]) -> list[OpenApiParameter]:
+    """The OpenAPI query parameters of a pydantic parameters model (each field: its type,
+    choices, bounds and description), so a GET endpoint's schema is its validator's."""
+    out = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+        first = args[0]
+        enum = None
+        if get_origin(first) is Literal:
+            enum = list(get_args(first))
+            kind: Any = type(enum[0])
+        elif first in (int, float, bool):
+            kind = first
+        else:
+            kind = str
+        default = None if info.default is PydanticUndefined else info.default
+        out.append(
+            OpenApiParameter(
+                name,
+                kind,
+                enum=enum,
+                default=default,
+                description=info.description or "",
+                required=info.is_required(),
+            )
+        )
+    return out
