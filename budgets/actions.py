@@ -108,12 +108,13 @@ def delete_budget(principal: Principal, data: Any) -> Outcome:
 
 @action(
     "get_budget_status",
-    "Limit, effective limit, spent, reserved, remaining, projection.",
+    "Limit, effective limit, spent, reserved, remaining, projection, burn rate and the date "
+    "the limit is reached at it.",
     staff_perm="budgets.view_budget",
 )
 def get_budget_status(principal: Principal, data: Any) -> Outcome:
     budget = selectors.budget_for_principal(principal, _required(data, "budget_id"))
-    return Outcome(selectors.budget_status(budget).as_dict())
+    return Outcome(selectors.budget_status(budget, burn=True).as_dict())
 
 
 def check_budget_cached(principal: Principal, data: Any) -> Outcome | None:

@@ -50,8 +50,25 @@ class BudgetListOut(BaseModel):
     results: list[BudgetOut]
 
 
+class BurnWindowOut(BaseModel):
+    start: Instant
+    end: Instant
+    days: str = Field(description="The window's length in days (two decimals at most).")
+    whole_period: bool = Field(description="The window is the period so far (under 7 days).")
+    label: str = Field(description='How the rate is named, e.g. "the last 7 days\' rate".')
+
+
+class BurnRateOut(BaseModel):
+    cost_per_day: Money
+    tokens_per_day: int
+
+
 class BudgetStatusOut(BaseModel):
-    """Limits count approved overrides (`effective_*`); remaining subtracts spent and held."""
+    """Limits count approved overrides (`effective_*`); remaining subtracts spent and held.
+    The burn rate is the spend over `burn_window` (the last 7 days, or the period so far if it
+    began less than 7 days ago) per day; `exhausts_at` is when the effective cost or token limit
+    (the earlier) is reached at it: null when it is not reached before the period ends
+    (`exhausts_in_period` false), the budget is unlimited by an override, or nothing is spent."""
 
     budget_id: int
     name: str
@@ -75,6 +92,12 @@ class BudgetStatusOut(BaseModel):
     tokens_percent: Percent | None
     projected_cost: Money | None
     projected_tokens: int | None
+    burn_window: BurnWindowOut | None
+    burn_rate: BurnRateOut | None
+    exhausts_at: Instant | None
+    exhausts_in_period: bool
+    exhausts_by: Literal["cost", "tokens"] | None = Field(description="The limit reached first.")
+    exhaustion_basis: str = Field(description="The window, the rates and the conclusion.")
 
 
 class BudgetCheckOut(BaseModel):

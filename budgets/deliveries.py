@@ -87,7 +87,7 @@ class Notice:
 
     @classmethod
     def of(cls, delivery: AlertDelivery) -> Notice:
-        if delivery.alert_id is not None:
+        if delivery.alert is not None:
             return alert_notice(delivery.alert)
         return cls(**(delivery.notice or {}))
 

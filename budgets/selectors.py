@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from budgets import counters
 from budgets.models import (
+    LIFETIME_END,
     SCOPE_COLUMNS,
     AgentProfile,
     Budget,
@@ -29,6 +30,7 @@ from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core import unavailable
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal, in_scope
+from usage import rollups
 from usage.pricing import money
 from usage.rows import Row
 
@@ -283,6 +285,152 @@ def plain(value: Decimal) -> str:
     return f"{value.normalize():f}"
 
 
+# --- burn rate and exhaustion date ----------------------------------------------------------------
+
+# The burn rate's window: the last 7 days, or the period so far when it began less than that ago.
+BURN_WINDOW = timedelta(days=7)
+_DAY_SECONDS = 86400
+
+
+def _span(seconds: int) -> str:
+    if seconds < 3600:
+        return f"{max(1, round(seconds / 60))} minutes"
+    if seconds < _DAY_SECONDS:
+        return f"{plain(Decimal(seconds / 3600).quantize(Decimal('0.1')))} hours"
+    return f"{plain(Decimal(seconds / _DAY_SECONDS).quantize(Decimal('0.1')))} days"
+
+
+@dataclass(frozen=True, slots=True)
+class Burn:
+    """Spend over a stated trailing window as daily rates, and when the limit in force now
+    (with approved overrides) is reached at those rates. Cost in counter units (1e-10 USD)."""
+
+    start: datetime
+    end: datetime
+    whole_period: bool  # the window is the period so far (it began less than BURN_WINDOW ago)
+    cost_units: int
+    tokens: int
+    exhausts_at: datetime | None
+    exhausts_by: str | None  # "cost" or "tokens": the limit reached first
+    exhausts_in_period: bool
+    basis: str
+
+    @property
+    def seconds(self) -> int:
+        return max(0, int((self.end - self.start).total_seconds()))
+
+    @property
+    def cost_per_day(self) -> Decimal:
+        if not self.seconds:
+            return Decimal(0)
+        per_day = counters.from_units(self.cost_units) * _DAY_SECONDS / self.seconds
+        return per_day.quantize(Decimal("0.000001"))
+
+    @property
+    def tokens_per_day(self) -> int:
+        if not self.seconds:
+            return 0
+        return int((Decimal(self.tokens) * _DAY_SECONDS / self.seconds).to_integral_value())
+
+    @property
+    def window_label(self) -> str:
+        """The window in words: "the last 7 days", "the period so far (2.5 days)"."""
+        if self.whole_period:
+            return f"the period so far ({_span(self.seconds)})"
+        return f"the last {_span(self.seconds)}"
+
+    @property
+    def rate_label(self) -> str:
+        """How the dashboard and the basis name the rate: "the last 7 days' rate"."""
+        if self.whole_period:
+            return f"the rate of {self.window_label}"
+        return f"{self.window_label}' rate"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "burn_window": {
+                "start": self.start.isoformat(),
+                "end": self.end.isoformat(),
+                "days": plain(Decimal(self.seconds / _DAY_SECONDS).quantize(Decimal("0.01"))),
+                "whole_period": self.whole_period,
+                "label": self.rate_label,
+            },
+            "burn_rate": {
+                "cost_per_day": money(self.cost_per_day),
+                "tokens_per_day": self.tokens_per_day,
+            },
+            "exhausts_at": self.exhausts_at.isoformat() if self.exhausts_at else None,
+            "exhausts_in_period": self.exhausts_in_period,
+            "exhausts_by": self.exhausts_by,
+            "exhaustion_basis": self.basis,
+        }
+
+
+def _reached(
+    remaining: int, used: int, seconds: int, now: datetime, horizon: datetime
+) -> datetime | None:
+    """When `remaining` is used up at `used` per `seconds` (now if nothing remains; None if
+    never, or not before `horizon`)."""
+    if remaining <= 0:
+        return now
+    if used <= 0 or seconds <= 0:
+        return None
+    after = Decimal(remaining) * seconds / used  # seconds from now, exact but for the division
+    if after >= Decimal((horizon - now).total_seconds()):
+        return None
+    return now + timedelta(seconds=float(after))
+
+
+def budget_burn(budget: Budget, status: BudgetStatus, *, now: datetime) -> Burn:
+    """The burn rate over BURN_WINDOW (or the period so far, if shorter) and the exhaustion date
+    at it. The period-so-far case reuses the status's own figures (counter, buffer included);
+    a longer period costs one rollups query (usage.rollups.totals: the flushed ledger)."""
+    start = max(status.period_start, now - BURN_WINDOW)
+    whole_period = start == status.period_start
+    if whole_period:
+        cost_units, tokens = counters.to_units(status.cost_spent), status.tokens_spent
+    else:
+        cost_units, tokens, _requests = rollups.totals(
+            filters=budget.filters(), since=start, until=now
+        )
+    seconds = max(0, int((now - start).total_seconds()))
+    end = status.period_end or LIFETIME_END
+    draft = Burn(start, now, whole_period, cost_units, tokens, None, None, False, "")
+    rate = (
+        f"At {draft.rate_label}, {money(draft.cost_per_day)} USD and {draft.tokens_per_day:,} "
+        f"tokens a day ({start:%Y-%m-%d %H:%M} to {now:%Y-%m-%d %H:%M} UTC)"
+    )
+    if status.unlimited_until is not None:
+        basis = f"Unlimited by an override until {status.unlimited_until.isoformat()}."
+        return dataclasses.replace(draft, basis=basis)
+    found: list[tuple[datetime, str]] = []
+    if status.effective_cost_limit is not None:
+        remaining = counters.limit_units(status.effective_cost_limit)
+        remaining -= counters.to_units(status.cost_spent) + counters.to_units(status.cost_reserved)
+        at = _reached(remaining, cost_units, seconds, now, end)
+        if at is not None:
+            found.append((at, "cost"))
+    if status.effective_token_limit is not None:
+        remaining = status.effective_token_limit - status.tokens_spent - status.tokens_reserved
+        at = _reached(remaining, tokens, seconds, now, end)
+        if at is not None:
+            found.append((at, "tokens"))
+    if not found:
+        if not cost_units and not tokens:
+            basis = f"{rate}: nothing is spent, so the limit is not reached."
+        elif status.period_end is None:
+            basis = f"{rate}: the limit is not reached before {LIFETIME_END:%Y}."
+        else:
+            basis = f"{rate}: the limit is not reached before the period ends ({end.isoformat()})."
+        return dataclasses.replace(draft, basis=basis)
+    at, metric = min(found)
+    verb = "was already reached" if at == now else f"is reached at {at.isoformat()}"
+    basis = f"{rate}: the {metric} limit {verb}."
+    return dataclasses.replace(
+        draft, exhausts_at=at, exhausts_by=metric, exhausts_in_period=True, basis=basis
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     budget_id: int
@@ -306,6 +454,7 @@ class BudgetStatus:
     tokens_percent: Decimal | None
     projected_cost: Decimal | None
     projected_tokens: int | None
+    burn: Burn | None = None  # with budget_status(burn=True)
 
     def as_dict(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -343,12 +492,28 @@ class BudgetStatus:
             if self.projected_cost is not None
             else None,
             "projected_tokens": self.projected_tokens,
+            **(self.burn.as_dict() if self.burn is not None else _NO_BURN),
         }
 
 
-def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatus:
+# as_dict's burn fields when the status was read without them (budget_status(burn=False)).
+_NO_BURN: dict[str, Any] = {
+    "burn_window": None,
+    "burn_rate": None,
+    "exhausts_at": None,
+    "exhausts_in_period": False,
+    "exhausts_by": None,
+    "exhaustion_basis": "Not computed.",
+}
+
+
+def budget_status(
+    budget: Budget, *, now: datetime | None = None, burn: bool = False
+) -> BudgetStatus:
     """Live status for the period containing `now`. Percent is of the effective limit; remaining
-    subtracts spent and reserved; the projection extends the period's spend rate to its end."""
+    subtracts spent and reserved; the projection extends the period's spend rate to its end.
+    With `burn`, also the burn rate and exhaustion date (budget_burn: one rollups query at
+    most); the alert evaluation and the reports, reading every budget, go without."""
     now = now or timezone.now()
     window = budget.window_at(now)
     limits = effective_limits(budget, now=now)
@@ -364,7 +529,7 @@ def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatu
             factor = Decimal(length) / Decimal(elapsed)
             projected_cost = (cost_spent * factor).quantize(Decimal("0.000001"))
             projected_tokens = int(tokens_spent * length / elapsed)
-    return BudgetStatus(
+    status = BudgetStatus(
         budget_id=budget.pk,
         name=budget.name,
         enforcement=budget.enforcement,
@@ -393,6 +558,9 @@ def budget_status(budget: Budget, *, now: datetime | None = None) -> BudgetStatu
         projected_cost=projected_cost,
         projected_tokens=projected_tokens,
     )
+    if burn:
+        status = dataclasses.replace(status, burn=budget_burn(budget, status, now=now))
+    return status
 
 
 # --- alerts --------------------------------------------------------------------------------------

@@ -7,14 +7,23 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from reporting import formats, reports, services
+from reporting import (
+    anomalies,
+    forecasts,
+    formats,
+    recommendations,
+    reconcile,
+    reports,
+    services,
+    trends,
+)
 from reporting.models import StatusCategory
 from reporting.selectors import conversation_recently_visible, conversation_visible_to
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.actions import Outcome, action, run, validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
-from usage.actions import VIEW_USAGE
+from usage.actions import VIEW_USAGE, actor_label
 from usage.schemas import Dim, Strict
 
 
@@ -255,10 +264,123 @@ def aggregate_usage(principal: Principal, data: Any) -> Outcome:
 # --- analytics: trends and anomalies (reporting.trends, reporting.anomalies) ---
 
 
+@action(
+    "get_trends",
+    "Period-over-period growth per dimension: fastest growers and decliners.",
+    staff_perm=VIEW_USAGE,
+)
+def get_trends(principal: Principal, data: Any) -> Outcome:
+    return Outcome(trends.trends(principal, data))
+
+
+@action(
+    "get_anomalies",
+    "Hours or days far outside a series' own history, with their drivers.",
+    staff_perm=VIEW_USAGE,
+)
+def get_anomalies(principal: Principal, data: Any) -> Outcome:
+    return Outcome(anomalies.anomalies_list(principal, data))
+
+
 # --- analytics: forecasts (reporting.forecasts) ---
 
 
+@action(
+    "forecast_usage",
+    "Projected spend to period end and month end per budget and per dimension, with an 80 % "
+    "interval, and each budget's exhaustion date at its burn rate.",
+    staff_perm=(VIEW_USAGE, VIEW_BUDGET),
+)
+def forecast_usage(principal: Principal, data: Any) -> Outcome:
+    return Outcome(forecasts.forecast_usage(principal, data))
+
+
 # --- analytics: recommendations (reporting.recommendations) ---
+CHANGE_RECOMMENDATION = "reporting.change_recommendation"
+
+
+@action(
+    "get_recommendations",
+    "Savings recommendations with their evidence, monthly savings and confidence, computed for "
+    "the caller's scope and joined with dismiss/accept decisions; accepted ones with what they "
+    "saved since.",
+    staff_perm=VIEW_USAGE,
+)
+def get_recommendations(principal: Principal, data: Any) -> Outcome:
+    return Outcome(recommendations.recommendations_list(principal, data))
+
+
+def _decide(status: str) -> Any:
+    def handler(principal: Principal, data: Any) -> Outcome:
+        params = validate(recommendations.DecisionIn, data)
+        row = recommendations.recommendation_decide(
+            principal=principal, rec_id=params.rec_id, status=status, note=params.note
+        )
+        return Outcome(recommendations.decision_out(row))
+
+    return handler
+
+
+action(
+    "dismiss_recommendation",
+    "Dismiss a recommendation (hidden from the list unless status=dismissed|all).",
+    staff_perm=CHANGE_RECOMMENDATION,
+)(_decide(recommendations.Status.DISMISSED))
+action(
+    "accept_recommendation",
+    "Accept a recommendation: its waste per day becomes the baseline its realized savings are "
+    "tracked against.",
+    staff_perm=CHANGE_RECOMMENDATION,
+)(_decide(recommendations.Status.ACCEPTED))
 
 
 # --- analytics: reconciliation with provider bills (reporting.reconcile) ---
+# Bills are the organisation's: global keys and staff only (the admin asks the same).
+ADD_BILL = "reporting.add_billimport"
+VIEW_BILL = "reporting.view_billimport"
+
+
+@action(
+    "import_bill",
+    "Import a provider's cost export (OpenAI costs, Anthropic cost report; CSV or JSON) and "
+    "compare it per UTC day x model (x project) with the ledger: matched, over, under, missing "
+    "either way, days beyond the tolerance; stored with its lines (global key or staff).",
+    staff_perm=ADD_BILL,
+    staff_or_global=True,
+)
+def import_bill(principal: Principal, data: Any) -> Outcome:
+    params = validate(reconcile.BillImportIn, data)
+    body = reconcile.bill_import(
+        principal=principal,
+        content=params.content,
+        provider=params.provider,
+        filename=params.filename,
+        tolerance_pct=params.tolerance_pct,
+        by_project=params.by_project,
+        actor=actor_label(principal),
+    )
+    return Outcome(body, status=201)
+
+
+@action(
+    "list_reconciliations",
+    "Imported provider bills, newest first, with their totals (global key or staff).",
+    staff_perm=VIEW_BILL,
+    staff_or_global=True,
+)
+def list_reconciliations(principal: Principal, data: Any) -> Outcome:
+    params = validate(reconcile.BillListIn, data)
+    rows = reconcile.bills_for_principal(principal, provider=params.provider, limit=params.limit)
+    return Outcome({"results": [reconcile.bill_header(row) for row in rows]})
+
+
+@action(
+    "get_reconciliation",
+    "One imported provider bill against the ledger: totals, days and lines, worst first "
+    "(global key or staff).",
+    staff_perm=VIEW_BILL,
+    staff_or_global=True,
+)
+def get_reconciliation(principal: Principal, data: Any) -> Outcome:
+    params = validate(reconcile.BillIdIn, data)
+    return Outcome(reconcile.bill_result(reconcile.bill_for_principal(principal, params.bill_id)))

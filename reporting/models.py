@@ -82,7 +82,15 @@ class Anomaly(models.Model):
         verbose_name_plural = "anomalies"
         constraints = [
             models.UniqueConstraint(
-                fields=["dimension", "series", "granularity", "metric", "bucket"],
+                fields=[
+                    "dimension",
+                    "series",
+                    "team_id",
+                    "project_id",
+                    "granularity",
+                    "metric",
+                    "bucket",
+                ],
                 name="anomaly_once",
             ),
         ]

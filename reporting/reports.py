@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from budgets.models import Budget
 from budgets.selectors import budget_status, budgets_for_principal
-from reporting import opportunities
+from reporting import opportunities, recommendations
 from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
@@ -534,6 +534,8 @@ def optimization_report(query: Query) -> dict[str, Any]:
         "rows": rows,
         "truncated": False,
         "details": [item.evidence for item in found.items],
+        # Accepted recommendations in scope and what each saved up to `until`.
+        "accepted": recommendations.accepted_section(query.principal, until=query.until),
     }
 
 

@@ -16,8 +16,10 @@ from django.utils import timezone
 from budgets import counters
 from budgets.deliveries import alert_payload
 from budgets.models import Budget, BudgetAlert, BudgetOverride
-from budgets.selectors import budget_status, plain
+from budgets.selectors import BudgetStatus, budget_burn, budget_status, plain
 from reporting import services
+from reporting.anomalies import anomaly_payload
+from reporting.models import Anomaly
 from reporting.publisher import usage_figures
 from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.principal import GLOBAL, Principal
@@ -92,11 +94,14 @@ def _percent(value: Decimal | None) -> float | None:
 
 def budget_bars(*, now: datetime | None = None, limit: int = BUDGET_BARS) -> list[dict[str, Any]]:
     """The active budgets' utilisation as GET /budgets/{id}/status reads it (budget_status), hard
-    budgets first, each group nearest its limit first."""
+    budgets first, each group nearest its limit first; the ones shown with their exhaustion
+    date at the burn rate (budget_burn: one rollups query each at most)."""
     now = now or timezone.now()
     bars: list[dict[str, Any]] = []
+    statuses: dict[int, tuple[Budget, BudgetStatus]] = {}
     for budget in Budget.objects.filter(is_active=True).order_by("pk")[:BUDGETS_CONSIDERED]:
         status = budget_status(budget, now=now)
+        statuses[budget.pk] = (budget, status)
         shares = [p for p in (status.cost_percent, status.tokens_percent) if p is not None]
         bars.append(
             {
@@ -117,7 +122,17 @@ def budget_bars(*, now: datetime | None = None, limit: int = BUDGET_BARS) -> lis
             }
         )
     bars.sort(key=lambda b: (b["enforcement"] != Budget.Enforcement.HARD, -(b["percent"] or 0.0)))
-    return bars[:limit]
+    shown = bars[:limit]
+    for bar in shown:
+        burn = budget_burn(*statuses[bar["id"]], now=now)
+        bar["exhausts_at"] = burn.exhausts_at.isoformat() if burn.exhausts_at else None
+        bar["exhausts_in_period"] = burn.exhausts_in_period
+        bar["exhausts_by"] = burn.exhausts_by
+        bar["burn_label"] = burn.rate_label
+        bar["burn_window"] = burn.window_label
+        bar["burn_spends"] = bool(burn.cost_units or burn.tokens)
+        bar["unlimited"] = statuses[bar["id"]][1].unlimited_until is not None
+    return shown
 
 
 def _buffer() -> dict[str, Any]:
@@ -163,7 +178,8 @@ def _buffered_rows_not_in_ledger() -> list[tuple[Any, ...]]:
 
 def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
     """The dashboard's figures on first load and after a reconnect: today's totals and the last
-    hour's requests per minute (ledger plus buffer), the latest alerts and `dashboard_state`."""
+    hour's requests per minute (ledger plus buffer), the latest alerts, the open anomalies and
+    `dashboard_state`."""
     now = now or timezone.now()
     tz = timezone.get_current_timezone()
     day_start = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -204,6 +220,9 @@ def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
         if minute >= chart_key:
             per_minute[minute] = per_minute.get(minute, 0) + n
     alerts = BudgetAlert.objects.select_related("budget").order_by("-pk")[:LATEST_ALERTS]
+    open_anomalies = Anomaly.objects.filter(status=Anomaly.Status.OPEN).order_by(
+        "-bucket", "-score"
+    )[:LATEST_ALERTS]
     return {
         "day": day_start.date().isoformat(),
         "today": {**totals, "cost": plain(totals["cost"])},
@@ -211,6 +230,7 @@ def dashboard_snapshot(*, now: datetime | None = None) -> dict[str, Any]:
         "minutes": per_minute,
         "chart_minutes": CHART_MINUTES,
         "alerts": [alert_payload(alert) for alert in alerts],
+        "anomalies": [anomaly_payload(row) for row in open_anomalies],
         **dashboard_state(now=now),
     }
 

@@ -112,10 +112,25 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     # Reports (issue 12), scoped like usage; the matrix asks for the cost report, which also reads
     # budgets (staff need both view permissions: the approver has only budgets').
     ("GET", "reports/<str:kind>"):             (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
-    # Analytics (issue 13): trends and anomalies.
+    # Analytics (issue 13): trends and anomalies, scoped like usage.
+    ("GET", "trends"):                         (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    ("GET", "anomalies"):                      (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     # Analytics: forecasts.
+    # Scoped like usage; reads budgets too (staff need both view permissions, like the cost report).
+    ("GET", "forecast"):                       (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
     # Analytics: recommendations.
-    # Analytics: reconciliation with provider bills.
+    # Scoped like usage; deciding needs reporting.change_recommendation (staff) or a key whose
+    # scope holds the recommendation (another scope's is a 404).
+    ("GET", "recommendations"):                (401, 401, 200, 200, 200, 200, 403, 200, 403, 200),
+    ("POST", "recommendations/<int:rec_id>/dismiss"):
+                                               (401, 401, 200, 404, 200, 200, 403, 403, 403, 200),
+    ("POST", "recommendations/<int:rec_id>/accept"):
+                                               (401, 401, 200, 404, 200, 200, 403, 403, 403, 200),
+    # Analytics: reconciliation with provider bills. Organisation-wide: global keys and staff with
+    # the bill permissions only (no scoped key: a bill and the ledger beside it span every team).
+    ("POST", "reconciliations"):               (401, 401, 403, 403, 403, 201, 403, 403, 403, 201),
+    ("GET", "reconciliations"):                (401, 401, 403, 403, 403, 200, 403, 403, 403, 200),
+    ("GET", "reconciliations/<int:bill_id>"):  (401, 401, 403, 403, 403, 200, 403, 403, 403, 200),
     # The schema and docs are public; a presented key is still authenticated, and a dead one fails.
     ("GET", "api/schema/"):                    (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     ("GET", "api/docs/"):                      (200, 401, 200, 200, 200, 200, 200, 200, 200, 200),
@@ -239,6 +254,8 @@ _ID: dict[str, Callable[[World], Any]] = {
     "int:override_id": lambda w: w.override.pk,
     "int:profile_id": lambda w: w.profile.pk,
     "str:kind": lambda w: "cost",
+    "int:bill_id": lambda w: _bill_id(),
+    "int:rec_id": lambda w: _recommendations()["search/ranker"],
 }
 _LATER = (timezone.now() + timedelta(days=7)).isoformat()
 
@@ -298,16 +315,80 @@ BODIES: dict[tuple[str, str], Callable[[World, str], Any]] = {
         "since": (timezone.now() - timedelta(days=1)).isoformat(),
         "until": timezone.now().isoformat(),
     },
+    # A GET's "body" is its query: the stored rows of every scope, all statuses.
+    ("GET", "recommendations"): lambda w, who: _recommendations_query(),
+    ("POST", "recommendations/<int:rec_id>/dismiss"): lambda w, who: {"note": f"by {who}"},
+    ("POST", "recommendations/<int:rec_id>/accept"): lambda w, who: {"note": f"by {who}"},
     ("POST", "relationships"): lambda w, who: {
         "from_request_id": "m-2",
         "to_request_id": "m-1",
         "type": "follow_up_of",
     },
+    ("POST", "reconciliations"): lambda w, who: {"provider": "openai", "content": _bill_csv()},
 }
 QUERIES = {
     ("GET", "usage/summary"): "?group_by=team_id,project_id",
     ("GET", "reports/<str:kind>"): "?group_by=team_id,project_id",
+    # A week with nothing before it would be "not enough history" (400) for any caller.
+    ("GET", "anomalies"): "?since=2020-01-01T00:00:00Z&until=2020-01-08T00:00:00Z",
 }
+
+
+def _bill_csv() -> str:
+    """An OpenAI cost export (reporting.reconcile) of today's gpt-4o-mini usage."""
+    start = int(timezone.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    return (
+        "start_time,end_time,amount_value,amount_currency,line_item,project_id\n"
+        f'{start},{start + 86400},0.01,usd,"gpt-4o-mini-2024-07-18, input",\n'
+    )
+
+
+def _recommendations() -> dict[str, int]:
+    """A stored recommendation per scope (made on first use; the member's open, to be decided),
+    which a list with status=all shows though nothing computes it: scope -> id."""
+    from reporting.models import Recommendation
+
+    out = {}
+    for team, project in (("search", "ranker"), ("ads", "bidder"), ("search", "")):
+        row, _ = Recommendation.objects.get_or_create(
+            key=f"caching|model|openai/gpt-4o|{team}|{project}",
+            defaults={
+                "kind": "caching",
+                "dimension": "model",
+                "target": "openai/gpt-4o",
+                "team_id": team,
+                "project_id": project,
+                "status": Recommendation.Status.DISMISSED if project != "ranker" else "open",
+            },
+        )
+        out[f"{team}/{project}"] = row.pk
+    return out
+
+
+def _recommendations_query() -> dict[str, str]:
+    _recommendations()
+    return {"status": "all"}
+
+
+def _bill_id() -> int:
+    """An imported provider bill (made on first use: every path is filled in for every cell)."""
+    from reporting.models import BillImport
+
+    bill = BillImport.objects.order_by("pk").first()
+    if bill is None:
+        today = timezone.now().date()
+        bill = BillImport.objects.create(
+            provider="openai",
+            source_format="openai_costs_csv",
+            sha256="0" * 64,
+            first_day=today,
+            last_day=today,
+            rows=0,
+            billed=Decimal(0),
+            ledger=Decimal(0),
+            tolerance_pct=Decimal("0.5"),
+        )
+    return bill.pk
 
 
 def _path(route: str, world: World) -> str:
@@ -410,6 +491,8 @@ SCOPED_READS: dict[tuple[str, str], Callable[[Any], list[tuple[str, str]]]] = {
     ("GET", "reports/<str:kind>"): lambda body: (
         _team_project(body["rows"]) + _team_project(body["budgets"])
     ),
+    ("GET", "forecast"): lambda body: _team_project(body["budgets"]),
+    ("GET", "recommendations"): lambda body: _team_project(body["results"]),
     ("POST", "signals"): lambda body: _team_project(body["result"]["results"]),
     ("GET", "budgets"): lambda body: _team_project(body["results"]),
     ("GET", "budgets/<int:budget_id>"): lambda body: _team_project([body]),

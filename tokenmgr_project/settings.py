@@ -353,7 +353,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     # Two bodies have a `source` with other choices: name each set (what answered a report).
-    "ENUM_NAME_OVERRIDES": {"ReportSourceEnum": ["rollups", "rollups+ledger", "ledger"]},
+    "ENUM_NAME_OVERRIDES": {
+        "ReportSourceEnum": ["rollups", "rollups+ledger", "ledger"],
+        "MetricEnum": ["cost", "tokens"],
+        "TrendMetricEnum": ["cost", "tokens", "requests"],
+        "UpDownEnum": ["up", "down"],
+        "AnomalyStatusEnum": ["open", "resolved"],
+    },
     # Valid OpenAPI 3.0.3 and every error answer documented (tests/test_schemathesis.py).
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

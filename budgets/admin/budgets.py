@@ -12,12 +12,13 @@ from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet, construct_instance
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from budgets.admin.overrides import requester_label
 from budgets.models import Budget, BudgetAlert, BudgetOverride, BudgetPeriod, BudgetThreshold
-from budgets.selectors import BudgetStatus, budget_status
+from budgets.selectors import BudgetStatus, Burn, budget_burn, budget_status
 from budgets.services import budget_create, budget_deactivate, budget_update
 from usage.admin.display import MONEY_WIDGETS, clipped, service_errors, usd, when
 
@@ -59,6 +60,20 @@ def _status(budget: Budget) -> BudgetStatus:
     if "_admin_status" not in cache:
         cache["_admin_status"] = budget_status(budget)
     return cast("BudgetStatus", cache["_admin_status"])
+
+
+def _burn_rate(burn: Burn) -> str:
+    return (
+        f"{usd(burn.cost_per_day)} and {_tokens(burn.tokens_per_day)} a day, "
+        f"over {when(burn.start)} to {when(burn.end)}"
+    )
+
+
+def _runs_out(burn: Burn) -> str:
+    """The exhaustion date as the change page says it (the basis holds the figures)."""
+    if burn.exhausts_at is not None:
+        return f"~{when(burn.exhausts_at)} ({burn.exhausts_by} limit), at {burn.rate_label}"
+    return burn.basis
 
 
 def _worst(status: BudgetStatus) -> tuple[Decimal | None, str]:
@@ -339,6 +354,9 @@ class BudgetAdmin(admin.ModelAdmin):
                 rows.append(("tokens remaining", _tokens(status.tokens_remaining)))
         if status.projected_cost is not None and status.cost_limit is not None:
             rows.append(("projected cost at period end", usd(status.projected_cost)))
+        burn = budget_burn(obj, status, now=timezone.now())
+        rows.append(("burn rate", _burn_rate(burn)))
+        rows.append(("runs out", _runs_out(burn)))
         pending = obj.overrides.filter(status=BudgetOverride.Status.PENDING).count()
         queue = reverse("admin:budgets_budgetoverride_changelist")
         add = reverse("admin:budgets_budgetoverride_add")

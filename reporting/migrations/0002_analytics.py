@@ -62,7 +62,7 @@ class Migration(migrations.Migration):
                 'verbose_name_plural': 'anomalies',
                 'ordering': ['-bucket', 'dimension', 'series'],
                 'indexes': [models.Index(fields=['status', 'dimension', 'series'], name='anomaly_open_idx')],
-                'constraints': [models.UniqueConstraint(fields=('dimension', 'series', 'granularity', 'metric', 'bucket'), name='anomaly_once')],
+                'constraints': [models.UniqueConstraint(fields=('dimension', 'series', 'team_id', 'project_id', 'granularity', 'metric', 'bucket'), name='anomaly_once')],
             },
         ),
         migrations.CreateModel(

@@ -8,6 +8,7 @@ Screenshots of each page go to the run's artifacts (tests.conftest.ARTIFACTS/liv
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from budgets.services import budget_create
+from reporting.models import Anomaly
 from tests.conftest import ARTIFACTS, child_database_url
 from tests.processes import Up
 from usage import services
@@ -113,6 +116,30 @@ def test_the_live_pages_update_without_a_reload_and_come_back_after_a_server_res
     )
     up = system
     conversation = "browser-<b>conv</b>"
+    # An open anomaly the detection job recorded (issue 13) is on the dashboard from its load.
+    Anomaly.objects.create(
+        dimension="team_id",
+        series="<i>search</i>",
+        team_id="<i>search</i>",
+        granularity="hour",
+        metric="cost",
+        bucket=timezone.now().replace(minute=0, second=0, microsecond=0),
+        value=52_000_000_000,
+        expected=9_000_000_000,
+        lower=0,
+        upper=21_000_000_000,
+        score=Decimal("14.20"),
+        drivers=[
+            {
+                "dimension": "agent",
+                "value": "runaway",
+                "actual": "4.5",
+                "expected": "0.2",
+                "excess": "4.3",
+                "share_of_excess": "100.0",
+            }
+        ],
+    )
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -132,6 +159,10 @@ def test_the_live_pages_update_without_a_reload_and_come_back_after_a_server_res
             percent_before = float(bar.get_attribute("data-percent") or 0)
             # The budget's name is shown as text, not run.
             assert "<script>" in (dashboard.text_content("#tm-budgets") or "")
+            anomaly = dashboard.text_content("#tm-anomalies") or ""
+            assert "team_id <i>search</i>" in anomaly
+            assert "mostly agent runaway (+4.3)" in anomaly
+            assert dashboard.is_hidden("#tm-anomalies-empty")
 
             spent = sum(_usage(up, key, f"b-{i}", conversation_id=conversation) for i in range(3))
             expected = spent_before + spent
@@ -146,6 +177,9 @@ def test_the_live_pages_update_without_a_reload_and_come_back_after_a_server_res
                 lambda: float(bar.get_attribute("data-percent") or 0) > percent_before,
                 "the budget bar moving",
             )
+            # With spend, the bar says when the budget runs out at its burn rate (issue 13).
+            runs_out = dashboard.text_content("#tm-budgets .tm-bar-runout") or ""
+            assert re.match(r"(runs out ~\w{3} \d+,|won't run out this period) .*rate", runs_out)
             assert dashboard.evaluate("window.__notReloaded") is True
             assert dashboard.text_content("#tm-requests") == "3"
             _shot(dashboard, "dashboard")

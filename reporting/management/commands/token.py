@@ -25,7 +25,7 @@ from django.utils import timezone
 # tqdm ships no type information (no py.typed); only its constructor and update() are used.
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from reporting import exports, runs
+from reporting import exports, forecasts, reconcile, runs
 from reporting.reports import ALIASES
 from tokenmgr_project.core import actions
 from tokenmgr_project.core.errors import ApiError
@@ -82,6 +82,15 @@ def _hours(text: str) -> float:
     if not (math.isfinite(hours) and 0 < hours <= MAX_PERIOD_HOURS):
         raise argparse.ArgumentTypeError(f"must be a positive number of hours, not {text!r}")
     return hours
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
 
 
 def _count(text: str) -> int:
@@ -204,7 +213,49 @@ class Command(BaseCommand):
         reprice.add_argument("--json", action="store_true", help="Print JSON.")
 
         # analytics: reconcile (arguments)
+        bill = sub.add_parser(
+            "reconcile", help="Compare a provider's cost export (CSV or JSON) with the ledger."
+        )
+        bill.add_argument("file", metavar="FILE", help="The export as the console downloaded it.")
+        bill.add_argument("--provider", choices=reconcile.PROVIDERS, help="Default: detected.")
+        bill.add_argument(
+            "--tolerance",
+            metavar="PCT",
+            help=f"Flag lines and days beyond PCT %% (default {reconcile.DEFAULT_TOLERANCE_PCT}).",
+        )
+        bill.add_argument(
+            "--by-project",
+            choices=("auto", "yes", "no"),
+            default="auto",
+            help="Compare per project too (auto: when the export's projects are ledger ids).",
+        )
+        bill.add_argument("--json", action="store_true", help="Print JSON.")
         # analytics: backtest (arguments)
+        backtest = sub.add_parser(
+            "backtest", help="Replay history: the forecast's error (MAPE) per series and overall."
+        )
+        backtest.add_argument(
+            "--days",
+            type=_bounded(1, 365),
+            default=28,
+            help="Forecast from each of the last N days (default 28).",
+        )
+        backtest.add_argument(
+            "--horizon", type=_bounded(1, 31), default=7, help="Days ahead (default 7; 1 too)."
+        )
+        backtest.add_argument(
+            "--dimension", default="team_id", help="The series: one per value (team_id)."
+        )
+        backtest.add_argument(
+            "--window",
+            type=_bounded(forecasts.MIN_WINDOW, forecasts.MAX_WINDOW),
+            default=forecasts.DEFAULT_WINDOW,
+            help=f"Trailing days the method reads (default {forecasts.DEFAULT_WINDOW}).",
+        )
+        backtest.add_argument(
+            "--until", help="ISO 8601: replay as if it were then (default: now; whole UTC days)."
+        )
+        backtest.add_argument("--json", action="store_true", help="Print JSON.")
 
     @staticmethod
     def _filters(parser: CommandParser) -> None:
@@ -234,6 +285,8 @@ class Command(BaseCommand):
             "cost": self.cost,
             "reprice": self.reprice,
             # analytics: verbs
+            "reconcile": self.reconcile,
+            "backtest": self.backtest,
         }
         try:
             verbs[options["verb"]](options)
@@ -506,7 +559,118 @@ class Command(BaseCommand):
             "agent's workflow_id; a request without one counts as its own execution."
         )
 
+    # --- backtest ----------------------------------------------------------------------------
+
+    def backtest(self, options: dict[str, Any]) -> None:
+        _since, until = parse_range({"until": options["until"]})
+        body = forecasts.forecast_backtest(
+            PRINCIPAL,
+            dimension=options["dimension"],
+            days=options["days"],
+            horizon=options["horizon"],
+            window=options["window"],
+            now=until,
+        )
+        if options["json"]:
+            self._json(body)
+            return
+        dimension, hs = body["dimension"], list(body["overall"])
+        self.stdout.write(
+            f"Backtest of the forecast by {dimension}: origins {body['first_origin']} on, "
+            f"{body['days']} days, window {body['window']} days (from {body['source']})."
+        )
+        columns = ["horizon", "forecasts", "mape", "median_ape", "bias", "wape", "coverage"]
+        for title, key in (
+            ("Overall", "overall"),
+            ("Naive baseline (last 7 days' mean)", "baseline"),
+        ):
+            self.stdout.write(f"\n{title}, errors in % of actual spend:")
+            self._lines(table(columns, [{"horizon": h, **body[key][h]} for h in hs]))
+        longest = hs[-1]
+        rows = [
+            {
+                dimension: row[dimension] or "(none)",
+                "forecasts": row[longest]["forecasts"],
+                **{f"mape_{h}": row[h]["mape"] for h in hs},
+                f"bias_{longest}": row[longest]["bias"],
+            }
+            for row in body["series"]
+        ]
+        self.stdout.write("\nPer series:")
+        per = [dimension, "forecasts", *(f"mape_{h}" for h in hs), f"bias_{longest}"]
+        self._lines(table(per, rows) if rows else ["No usage in this range."])
+        if body["insufficient_history"]:
+            self.stdout.write(
+                f"{body['insufficient_history']:,} origins skipped: under "
+                f"{body['method']['min_history_days']} days of history before them."
+            )
+
     # --- reprice -----------------------------------------------------------------------------
+
+    def reconcile(self, options: dict[str, Any]) -> None:
+        path = Path(options["file"])
+        choice = options["by_project"]
+        data: dict[str, Any] = {
+            "filename": path.name[:255],
+            "by_project": None if choice == "auto" else choice == "yes",
+        }
+        if options["provider"]:
+            data["provider"] = options["provider"]
+        if options["tolerance"] is not None:
+            data["tolerance_pct"] = options["tolerance"]
+        try:
+            if path.stat().st_size > reconcile.MAX_BILL_BYTES:
+                raise reconcile.too_large(path.stat().st_size)
+            data["content"] = reconcile.decode_upload(path.read_bytes())
+            body = actions.run("import_bill", PRINCIPAL, data).body
+        except OSError as exc:
+            raise CommandError(f"FILE: {exc.strerror or exc}: {path}") from None
+        except ApiError as exc:
+            names = {"file": "FILE", "content": "FILE", "filename": "FILE"}
+            names |= {"tolerance_pct": "--tolerance", "by_project": "--by-project"}
+            raise ApiError(
+                exc.message,
+                status_code=exc.status_code,
+                code=exc.code,
+                fields={names.get(k, k): v for k, v in exc.fields.items()},
+            ) from None
+        if options["json"]:
+            self._json(body)
+            return
+        totals = body["totals"]
+        counts = {s: v["lines"] for s, v in totals["by_status"].items()}
+        self.stdout.write(
+            f"Reconciliation #{body['id']}: {body['provider']} bill {body['first_day']} .. "
+            f"{body['last_day']} ({body['days_covered']} days, {body['source_format']}, "
+            f"{body['rows']:,} rows), tolerance {body['tolerance_pct']} %."
+        )
+        self.stdout.write(
+            f"Billed {totals['billed']} {body['currency']}, ledger {totals['ledger']}: "
+            f"difference {totals['difference']} ({totals['difference_pct'] or '-'} %); "
+            f"unexplained {totals['unexplained']} ({totals['unexplained_pct'] or '-'} %)."
+        )
+        self.stdout.write(
+            f"Lines: {counts['matched']:,} matched, {counts['over']:,} over, "
+            f"{counts['under']:,} under, {counts['missing_in_ledger']:,} not in the ledger, "
+            f"{counts['missing_in_bill']:,} not on the bill; {totals['flagged_days']:,} of "
+            f"{totals['days']:,} days beyond the tolerance."
+        )
+        self.stdout.write("\nDays, worst first:")
+        day_columns = ["day", "billed", "ledger", "difference", "difference_pct", "lines"]
+        self._lines(table([*day_columns, "flagged_lines", "flagged"], body["days"]))
+        flagged = [line for line in body["lines"] if line["flagged"]]
+        if flagged:
+            self.stdout.write("\nLines beyond the tolerance, worst first:")
+            columns = ["day", "model", *(["project_id"] if body["by_project"] else [])]
+            columns += ["billed", "ledger", "difference", "difference_pct", "status"]
+            shown = 30  # a screenful; the admin and --json have every line
+            self._lines(table(columns, flagged[:shown]))
+            if len(flagged) > shown:
+                self.stdout.write(f"(the first {shown} of {len(flagged):,}; --json has all)")
+        for note in body["notes"]:
+            self.stdout.write(f"Note: {note}.")
+        if body["duplicate_of"] is not None:
+            self.stdout.write(f"The same file as reconciliation #{body['duplicate_of']}.")
 
     def reprice(self, options: dict[str, Any]) -> None:
         if "reprice_usage" not in actions.REGISTRY:

@@ -156,6 +156,9 @@
       clear(alerts);
       snap.alerts.slice().reverse().forEach(addAlert);
       document.getElementById("tm-alerts-empty").hidden = snap.alerts.length > 0;
+      clear(document.getElementById("tm-anomalies"));
+      (snap.anomalies || []).slice().reverse().forEach(showAnomaly);
+      document.getElementById("tm-anomalies-empty").hidden = (snap.anomalies || []).length > 0;
     }
 
     function renderTotals() {
@@ -238,7 +241,32 @@
       var label = el("div", "tm-bar-label", parts.join(" · "));
       label.setAttribute("data-percent", pct === null ? "" : pct.toFixed(2));
       item.appendChild(label);
+      var runs = runsOut(b);
+      if (runs !== null) {
+        var note = el("div", "tm-bar-runout", runs);
+        note.setAttribute("data-exhausts-at", b.exhausts_at || "");
+        item.appendChild(note);
+      }
       return item;
+    }
+
+    // When the budget runs out at its burn rate (budgets.selectors.budget_burn), in the
+    // viewer's time zone: "runs out ~Dec 14, at the last 7 days' rate".
+    function runsOut(b) {
+      if (b.exhausts_at === undefined) return null; // a state from before the server had it
+      if (b.unlimited) return "unlimited by an override";
+      if (b.exhausts_at) {
+        var at = new Date(b.exhausts_at);
+        if (at.getTime() <= Date.now()) return "at its " + b.exhausts_by + " limit";
+        var day = at.toLocaleDateString("en-US", { month: "short", day: "numeric" });
+        if (at.getTime() - Date.now() < 2 * 86400000) {
+          day += " " + at.toLocaleTimeString("en-US", { hour: "2-digit", minute: "2-digit" });
+        }
+        var what = b.exhausts_by === "tokens" ? " (tokens)" : "";
+        return "runs out ~" + day + what + ", at " + b.burn_label;
+      }
+      if (b.burn_spends) return "won't run out this period at " + b.burn_label;
+      return "no spend in " + b.burn_window;
     }
 
     function renderState(state) {
@@ -269,6 +297,27 @@
       list.insertBefore(item, list.firstChild);
       while (list.children.length > 10) list.removeChild(list.lastChild);
       document.getElementById("tm-alerts-empty").hidden = true;
+    }
+
+    // An open anomaly is listed (newest first); a resolved one leaves the list and the
+    // activity log says so.
+    function showAnomaly(anomaly) {
+      var list = document.getElementById("tm-anomalies");
+      var old = list.querySelector('[data-anomaly-id="' + anomaly.id + '"]');
+      if (old) list.removeChild(old);
+      if (anomaly.status === "resolved") {
+        addActivity("anomaly back in range: " + anomaly.dimension + " " + anomaly.series);
+      } else {
+        var item = el("li", "tm-alert tm-alert-anomaly tm-anomaly-" + anomaly.direction);
+        item.setAttribute("data-anomaly-id", String(anomaly.id));
+        item.appendChild(el("span", "tm-when", anomaly.bucket.slice(0, anomaly.granularity === "day" ? 10 : 16).replace("T", " ")));
+        item.appendChild(el("span", "tm-badge", anomaly.direction === "up" ? "spike" : "drop"));
+        item.appendChild(el("span", "tm-clip", anomaly.dimension + " " + anomaly.series));
+        item.appendChild(el("div", "tm-alert-text", anomaly.message));
+        list.insertBefore(item, list.firstChild);
+        while (list.children.length > 10) list.removeChild(list.lastChild);
+      }
+      document.getElementById("tm-anomalies-empty").hidden = list.children.length > 0;
     }
 
     function addActivity(text) {
@@ -316,6 +365,7 @@
       renderChart();
       (update.events || []).forEach(function (event) {
         if (event.kind === "alert") addAlert(event.alert);
+        else if (event.kind === "anomaly") showAnomaly(event.anomaly);
         else if (event.kind === "override")
           addActivity("override #" + event.override.id + " " + event.change + " (budget #" + event.override.budget_id + ")");
         else if (event.kind === "flush")
