@@ -10,7 +10,9 @@ from django.utils.safestring import SafeString
 from reporting.anomalies import anomaly_message
 from reporting.models import Anomaly
 from usage import rollups
-from usage.admin.display import ReadOnlyAdmin, when
+from usage.admin.display import ReadOnlyAdmin, clipped, when
+
+WHOLE = 10_000
 
 
 def _amount(value: int, metric: str) -> str:
@@ -28,9 +30,9 @@ class AnomalyAdmin(ReadOnlyAdmin):
     fields = (
         "summary",
         "dimension",
-        "series",
-        "team_id",
-        "project_id",
+        "series_text",
+        "team_text",
+        "project_text",
         "granularity",
         "metric",
         "bucket",
@@ -52,9 +54,22 @@ class AnomalyAdmin(ReadOnlyAdmin):
         return when(obj.bucket)
 
     @admin.display(description="series", ordering="series")
-    def series_label(self, obj: Anomaly) -> str:
+    def series_label(self, obj: Anomaly) -> SafeString:
         state = "" if obj.status == Anomaly.Status.OPEN else " (resolved)"
-        return f"{obj.dimension} = {obj.series}{state}"
+        return clipped(f"{obj.dimension} = {obj.series}{state}", 80)
+
+    # Ids have no spaces to wrap at: the page shows them whole, broken anywhere.
+    @admin.display(description="series")
+    def series_text(self, obj: Anomaly) -> SafeString:
+        return clipped(obj.series, WHOLE)
+
+    @admin.display(description="team")
+    def team_text(self, obj: Anomaly) -> SafeString:
+        return clipped(obj.team_id, WHOLE)
+
+    @admin.display(description="project")
+    def project_text(self, obj: Anomaly) -> SafeString:
+        return clipped(obj.project_id, WHOLE)
 
     @admin.display(description="value")
     def actual(self, obj: Anomaly) -> str:
@@ -69,8 +84,8 @@ class AnomalyAdmin(ReadOnlyAdmin):
         return f"{_amount(obj.lower, obj.metric)} to {_amount(obj.upper, obj.metric)}"
 
     @admin.display(description="what happened")
-    def summary(self, obj: Anomaly) -> str:
-        return anomaly_message(obj)
+    def summary(self, obj: Anomaly) -> SafeString:
+        return clipped(anomaly_message(obj), WHOLE)
 
     @admin.display(description="drivers")
     def driver_table(self, obj: Anomaly) -> SafeString | str:
@@ -78,7 +93,7 @@ class AnomalyAdmin(ReadOnlyAdmin):
             return "-"
         return format_html_join(
             "",
-            "<div>{} {}: {} against {} (excess {}, {} % of it)</div>",
+            '<div class="tm-clip">{} {}: {} against {} (excess {}, {} % of it)</div>',
             (
                 (
                     d["dimension"],

@@ -18,21 +18,21 @@ from reporting.models import Recommendation
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import rollups
-from usage.admin.display import EMPTY, amount, when
+from usage.admin.display import EMPTY, amount, clipped, when
 
 
 @admin.register(Recommendation)
 class RecommendationAdmin(admin.ModelAdmin):
+    # Dimension, who decided and the evidence are on each row's page: with them the list is
+    # wider than 1366 px.
     list_display = (
         "kind",
-        "dimension",
-        "target",
+        "target_text",
         "scope",
         "savings_a_month",
         "confidence",
         "status",
         "seen",
-        "decided_by",
     )
     list_filter = ("status", "kind", "confidence", "dimension")
     search_fields = ("target", "key", "team_id", "project_id")
@@ -61,11 +61,16 @@ class RecommendationAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # computed from the ledger, never typed in
 
+    @admin.display(description="target", ordering="target")
+    def target_text(self, row: Recommendation) -> SafeString:
+        return clipped(row.target, 60)
+
     @admin.display(description="scope")
     def scope(self, row: Recommendation) -> str:
         if row.project_id:
-            return f"{row.team_id}/{row.project_id}" if row.team_id else row.project_id
-        return row.team_id or "organisation"
+            label = f"{row.team_id}/{row.project_id}" if row.team_id else row.project_id
+            return clipped(label, 40)
+        return clipped(row.team_id, 40) if row.team_id else "organisation"
 
     @admin.display(description="a month (USD)", ordering="monthly_savings")
     def savings_a_month(self, row: Recommendation) -> str:

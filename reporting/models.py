@@ -99,7 +99,8 @@ class Anomaly(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.dimension}={self.series} {self.metric} {self.bucket:%Y-%m-%d %H:%M}"
+        series = self.series if len(self.series) <= 40 else self.series[:39] + "…"
+        return f"{self.dimension}={series} {self.metric} {self.bucket:%Y-%m-%d %H:%M}"
 
 
 class Recommendation(models.Model):
@@ -138,7 +139,8 @@ class Recommendation(models.Model):
         indexes = [models.Index(fields=["status", "kind"], name="recommendation_status_idx")]
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.target}"
+        target = self.target if len(self.target) <= 60 else self.target[:59] + "…"
+        return f"{self.kind}: {target}"
 
 
 class BillImport(models.Model):

@@ -162,7 +162,7 @@ def dimensions(name: str, raw: str | list[str] | None) -> list[str]:
         if dim not in DIMENSIONS:
             known = ", ".join(DIMENSIONS)
             raise ApiError(
-                f"Unknown {name} dimension.",
+                f"Unknown dimension in {name}.",
                 fields={name: [f"Unknown dimension {item.strip()!r}; use {known}."]},
             )
         if dim not in out:

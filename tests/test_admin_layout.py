@@ -24,6 +24,7 @@ from django.utils import timezone
 from budgets.models import AgentProfile, AlertChannel, Budget, BudgetAlert, Reservation
 from budgets.overrides import override_request
 from budgets.services import budget_create
+from reporting.models import Anomaly, BillImport, BillLine, Recommendation
 from tests.conftest import Persona, event, settle
 from tokenmgr_project.core.principal import Principal
 from usage import services
@@ -117,6 +118,56 @@ def _seed_long_values(platform: Persona, user: Any) -> None:
         target="https://hooks.example.com/" + _long("0123456789abcdef", 400),
         secret="s3cret",
     )
+    # The analytics lists (issue 13).
+    long_team, long_project = _long("search_", 128), _long("ranker_", 128)
+    Recommendation.objects.create(
+        key=_long("cheaper_model|model|", 400),
+        kind="cheaper_model",
+        dimension="model",
+        target=_long("openai/gpt_4o_2024_08_06_", 300),
+        team_id=long_team,
+        project_id=long_project,
+        monthly_savings=Decimal("123456789.12"),
+        evidence={"requests": 10**9},
+    )
+    Anomaly.objects.create(
+        dimension="project_id",
+        series=long_project,
+        team_id=long_team,
+        project_id=long_project,
+        granularity="hour",
+        metric="cost",
+        bucket=timezone.now().replace(minute=0, second=0, microsecond=0),
+        value=10**18,
+        expected=10**17,
+        lower=0,
+        upper=2 * 10**17,
+        score=Decimal("9999999999.99"),
+    )
+    today = timezone.now().date()
+    bill = BillImport.objects.create(
+        provider="anthropic",
+        source_format="anthropic_cost_report_json",
+        filename=_long("anthropic-cost-report-", 255),
+        sha256="0" * 64,
+        first_day=today,
+        last_day=today,
+        rows=10**6,
+        billed=Decimal("123456789.0123456789"),
+        ledger=Decimal("123456789.0123456789"),
+        tolerance_pct=Decimal("0.5"),
+    )
+    BillLine.objects.create(
+        bill=bill,
+        day=today,
+        model=_long("claude_sonnet_", 128),
+        project_id=long_project,
+        billed=Decimal("123456789.0123456789"),
+        ledger=Decimal(0),
+        difference=Decimal("-123456789.0123456789"),
+        status="missing_in_ledger",
+        flagged=True,
+    )
     assert Budget.objects.exists()
 
 
@@ -164,7 +215,11 @@ def test_it_keeps_every_admin_list_within_a_1366_px_screen(
     _seed_long_values(platform, user)
     # The Reports page in a named zone: without one it reloads itself in the browser's.
     reports = reverse("reports_pages:reports") + "?tz=UTC"
-    pages = [*_pages(), *_seed_lineage(platform), reports]
+    analytics = [
+        reverse(f"admin:reporting_{model._meta.model_name}_change", args=[model.objects.get().pk])
+        for model in (Recommendation, Anomaly, BillImport)
+    ]
+    pages = [*_pages(), *_seed_lineage(platform), reports, *analytics]
     too_wide: dict[str, Any] = {}
     # No database work from here on: the ORM refuses to run beside Playwright's event loop.
     with sync_playwright() as playwright:

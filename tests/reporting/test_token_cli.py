@@ -326,7 +326,7 @@ def test_a_bad_argument_exits_non_zero_with_one_line(db: None) -> None:
     bad = run("--by", "colour")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        "CommandError: Unknown group_by dimension. --by: Unknown dimension 'colour'; use "
+        "CommandError: Unknown dimension in group_by. --by: Unknown dimension 'colour'; use "
         "team_id, project_id, user_id, feature, agent, task_type, provider, model."
     ]
     unparsed = run("--period", "soon")
