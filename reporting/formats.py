@@ -78,3 +78,4 @@ def report_markdown(report: dict[str, Any]) -> Iterator[str]:
     yield from _section("Unpriced usage (not in the totals' cost)", report.get("unpriced", []))
     yield from _section("Over time", report.get("series", []))
     yield from _section("Budgets", report.get("budgets", []))
+    yield from _section("Accepted recommendations: what they saved", report.get("accepted", []))

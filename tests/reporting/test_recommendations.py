@@ -412,6 +412,10 @@ def test_the_optimization_report_shows_the_accepted_ones(platform: Persona) -> N
     report = platform.client.get("/api/v1/reports/optimization").json()
     assert [(a["id"], a["kind"]) for a in report["accepted"]] == [(item["id"], "caching")]
     assert report["accepted"][0]["realized_savings"] is None  # measured after the first hour
+    markdown = platform.client.get("/api/v1/reports/optimization", {"format": "md"})
+    text = b"".join(markdown.streaming_content).decode()
+    assert "### Accepted recommendations: what they saved" in text
+    assert f"| {item['id']} | caching |" in text
 
 
 # --- the off switch, scopes, the beat job -------------------------------------------------------

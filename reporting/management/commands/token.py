@@ -1,4 +1,5 @@
-"""manage.py token stats|export|budget|cost|reprice — the ledger from a terminal, as a global key.
+"""manage.py token stats|export|budget|cost|reprice|reconcile|backtest — the ledger from a
+terminal, as a global key.
 
 Each subcommand validates its arguments, calls one registry action or selector, and prints an
 aligned table (or, with --json, the machine-readable body). Bad arguments and refused input exit
@@ -61,6 +62,11 @@ OPTION_NAMES = {
     "model": "--model",
     "provider": "--provider",
     "format": "--format",
+    "dimension": "--dimension",
+    "window": "--window",
+    "tolerance_pct": "--tolerance",
+    "file": "FILE",
+    "by_project": "--by-project",
 }
 _NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+")
 
