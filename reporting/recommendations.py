@@ -237,8 +237,9 @@ def _about(item: opportunities.Opportunity) -> dict[str, Any]:
 def store(
     items: Sequence[opportunities.Opportunity], *, refresh: bool = True
 ) -> dict[str, Recommendation]:
-    """Create or (`refresh`) update a row per item, its decision left alone; the rows by key.
-    A filtered view only creates: a stored row's figures are its scope's whole traffic."""
+    """Create or (`refresh`: the beat job) update a row per item, its decision left alone; the
+    rows by key. A read only creates: a stored row's figures are its scope's whole traffic,
+    refreshed by the job."""
     rows = {}
     for item in items:
         key = key_for(item)
@@ -254,11 +255,16 @@ def store(
             action=item.action[:ACTION_LENGTH],
             evidence={**item.evidence, "about": _about(item)},
         )
-    if rows and not refresh:
-        Recommendation.objects.bulk_create(
-            [rows[k] for k in sorted(rows)], batch_size=500, ignore_conflicts=True
-        )
-    elif rows:
+    if not refresh:
+        # Reads only create what is new (the beat job refreshes the figures): a GET writes
+        # nothing when every recommendation it sees is already stored.
+        stored = _stored(list(rows))
+        missing = [rows[k] for k in sorted(rows) if k not in stored]
+        if missing:
+            Recommendation.objects.bulk_create(missing, batch_size=500, ignore_conflicts=True)
+            stored.update(_stored([row.key for row in missing]))
+        return stored
+    if rows:
         Recommendation.objects.bulk_create(
             [rows[k] for k in sorted(rows)],  # one lock order: concurrent upserts never deadlock
             batch_size=500,
@@ -277,7 +283,10 @@ def store(
                 "last_seen",
             ],
         )
-    keys = list(rows)
+    return _stored(list(rows))
+
+
+def _stored(keys: list[str]) -> dict[str, Recommendation]:
     stored: dict[str, Recommendation] = {}
     for start in range(0, len(keys), 500):
         for row in Recommendation.objects.filter(key__in=keys[start : start + 500]):
@@ -292,12 +301,13 @@ def recommendations_list(
     principal: Principal, data: Any, *, now: datetime | None = None
 ) -> dict[str, Any]:
     """GET /recommendations: live recommendations in the caller's scope joined with their
-    stored decisions (each stored or refreshed as seen), plus decided ones no longer seen."""
+    stored decisions (each stored when first seen; the beat job refreshes stored figures),
+    plus decided ones no longer seen."""
     require_enabled()
     now = now or timezone.now()
     query = parse(principal, data, now=now)
     live = compute(principal, since=query.since, until=query.until, filters=query.filters)
-    stored = store(live, refresh=not query.filters)
+    stored = store(live, refresh=False)
     shown: list[tuple[Recommendation, opportunities.Opportunity | None]] = []
     for item in live:
         row = stored[key_for(item)]

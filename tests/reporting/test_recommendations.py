@@ -534,3 +534,23 @@ def test_the_admin_actions_decide_through_the_service(platform: Persona, admin: 
     assert all(r.baseline_daily_units is not None for r in chosen)
     model_admin.accept_selected(request, chosen)  # again: refused, one message each, no change
     assert [m.level_tag for m in request._messages][-1] == "warning"
+
+
+def test_a_second_read_writes_nothing(platform: Persona) -> None:
+    """A GET stores what it sees for the first time; the beat job, not reads, refreshes."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    plant(platform)
+    first = listed(platform)
+    assert first
+    with CaptureQueriesContext(connection) as queries:
+        again = listed(platform)
+    assert [i["id"] for i in again] == [i["id"] for i in first]
+    writes = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].lstrip().upper().startswith(("INSERT", "UPDATE"))
+        and "reporting_recommendation" in q["sql"]
+    ]
+    assert writes == []

@@ -56,9 +56,10 @@ def _known(persona: Persona) -> None:
             event(f"s{i}", team_id="search", model="gpt-4o", occurred_at=_at(day, 10)),
             event(f"a{i}", team_id="ads", input_tokens=2000, occurred_at=_at(day, 11)),
         ]
-    # And two today (now): an error, and a model the catalogue has no price for.
-    events.append(event("e1", team_id="ads", status="error"))
-    events.append(event("u1", team_id="ads", model="mystery-model"))
+    # And two today at 00:00 UTC (already past, and today in Berlin too, whenever the test
+    # runs): an error, and a model the catalogue has no price for.
+    events.append(event("e1", team_id="ads", status="error", occurred_at=_at(TODAY, 0)))
+    events.append(event("u1", team_id="ads", model="mystery-model", occurred_at=_at(TODAY, 0)))
     _post(persona, events)
 
 
