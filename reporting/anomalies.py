@@ -174,40 +174,35 @@ class Detection:
 
 
 def baseline_indexes(
-    buckets: Sequence[datetime], t: int, start: int, granularity: str
+    weekend: Sequence[bool], t: int, start: int, granularity: str
 ) -> tuple[list[int], str] | None:
     """Indexes of the earlier buckets t is compared with, and the method's name; None when the
-    series (started at index `start`) lacks the history. `buckets` are consecutive."""
+    series (started at index `start`) lacks the history. `weekend[i]`: bucket i is on a
+    Saturday or Sunday (UTC); buckets are consecutive."""
     history = t - start
+    kind = weekend[t]
     if granularity == "day":
         if history >= DAY_SEASON_MIN * 7:
             idx = [t - 7 * k for k in range(1, DAY_SEASON_WEEKS + 1) if t - 7 * k >= start]
             return idx, "same weekday, previous 8 weeks"
         if history >= DAY_MIN_HISTORY:
-            weekend = buckets[t].weekday() >= 5
-            idx = [
-                i
-                for i in range(max(start, t - DAY_WINDOW), t)
-                if (buckets[i].weekday() >= 5) == weekend
-            ]
+            idx = [i for i in range(max(start, t - DAY_WINDOW), t) if weekend[i] == kind]
             return idx, "same kind of day, previous 14 days"
         return None
     days = history // 24
     if days >= HOUR_SEASON_MIN_DAYS:
-        weekend = buckets[t].weekday() >= 5
         idx = [
             i
-            for k in range(1, HOUR_SEASON_DAYS + 1)
-            if (i := t - 24 * k) >= start and (buckets[i].weekday() >= 5) == weekend
+            for i in range(t - 24, max(start, t - 24 * HOUR_SEASON_DAYS) - 1, -24)
+            if weekend[i] == kind
         ]
         if len(idx) >= MIN_BASELINE:
             return idx, "same hour, same kind of day, previous 28 days"
     if days >= HOUR_MIN_HISTORY_DAYS:
-        weekend = buckets[t].weekday() >= 5
         idx = [
             i
-            for k in range(1, HOUR_WINDOW_DAYS + 1)
-            if (i := t - 24 * k) >= start and (buckets[i].weekday() >= 5) == weekend
+            for i in range(t - 24, max(start, t - 24 * HOUR_WINDOW_DAYS) - 1, -24)
+            if weekend[i] == kind
         ]
         return idx, "same hour, same kind of day, previous 14 days"
     return None
@@ -238,13 +233,19 @@ def noise_scale(values: Sequence[int], t: int, start: int, granularity: str) -> 
     return 0.0
 
 
+def _median(ordered: Sequence[float]) -> float:
+    n = len(ordered)
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def expected_range(
     values: Sequence[int], metric: str, threshold: float, noise: float = 0.0
 ) -> tuple[int, float]:
     """(expected, scale) of a baseline: its median, and the larger of its robust deviation and
     the series' pooled noise, floored."""
-    expected = statistics.median(values)
-    mad = statistics.median(abs(v - expected) for v in values)
+    expected = _median(sorted(values))
+    mad = _median(sorted(abs(v - expected) for v in values))
     floor = COST_FLOOR if metric == "cost" else TOKENS_FLOOR
     scale = max(MAD_SCALE * mad, noise, REL_FLOOR * expected, floor)
     return round(expected), scale
@@ -269,9 +270,10 @@ def score_series(
     if start is None:
         return out, None, False
     per_day = 1 if granularity == "day" else 24
+    weekend = [b.weekday() >= 5 for b in buckets]
     noise_of: dict[int, float] = {}  # hours: one pooled noise per day
     for t in range(max(first, start), len(values)):
-        found = baseline_indexes(buckets, t, start, granularity)
+        found = baseline_indexes(weekend, t, start, granularity)
         if found is None:
             continue
         idx, method = found
