@@ -7,13 +7,13 @@ is hidden; dismiss / accept / tracking, the off switch, scopes, the beat job, ba
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -21,6 +21,7 @@ from budgets.models import Budget, BudgetAlert, BudgetPeriod
 from reporting import recommendations, tasks
 from reporting.models import Recommendation
 from tests.conftest import Persona, event, settle
+from tokenmgr_project.core import redis as tm_redis
 from tokenmgr_project.core.principal import Principal
 from usage import pricing, rollups
 from usage.models import TokenUsage
@@ -286,7 +287,16 @@ def test_it_says_max_tokens_frees_headroom_but_saves_no_money(platform: Persona)
     assert "bill" in evidence["money"]
 
 
-@pytest.mark.skipif(bool(settings.REDIS_URL), reason="with Redis, holds live in Redis")
+@pytest.fixture
+def database_holds(settings: Any) -> Iterator[None]:
+    """Reservations as rows (no Redis): with Redis, holds live in Redis and leave no rows."""
+    settings.REDIS_URL = ""
+    tm_redis.reset()
+    yield
+    tm_redis.reset()
+
+
+@pytest.mark.usefixtures("database_holds")
 def test_it_reads_reserved_output_from_budget_reservations(platform: Persona) -> None:
     Budget.objects.create(name="z", scope="team", scope_id="zeta", team_id="zeta", cost_limit=100)
     for i in range(20):
