@@ -27,10 +27,11 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from reporting import opportunities
 from reporting.models import Recommendation
+from reporting.params import Filters, QueryInt
 from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import GLOBAL, PROJECT, TEAM, Principal, in_scope
@@ -55,7 +56,7 @@ ACTION_LENGTH = Recommendation._meta.get_field("action").max_length or 500
 Status = Recommendation.Status
 
 
-class RecommendationsIn(BaseModel):
+class RecommendationsIn(Filters):
     """GET /recommendations parameters (query string or /signals data); every name is checked."""
 
     model_config = ConfigDict(extra="forbid")
@@ -67,22 +68,7 @@ class RecommendationsIn(BaseModel):
         None, description="Default: open and accepted (dismissed ones hidden)."
     )
     dimension: Literal["model", "team", "feature", "agent", "budget"] | None = None
-    limit: int = Field(100, ge=1, le=MAX_ITEMS)
-    provider: str | None = Field(None, max_length=64)
-    model: str | None = Field(None, max_length=128)
-    team_id: str | None = Field(None, max_length=128)
-    project_id: str | None = Field(None, max_length=128)
-    user_id: str | None = Field(None, max_length=128)
-    feature: str | None = Field(None, max_length=128)
-    agent: str | None = Field(None, max_length=128)
-    task_type: str | None = Field(None, max_length=128)
-
-    @field_validator("limit", mode="before")
-    @classmethod
-    def _limit_from_text(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        return value
+    limit: QueryInt = Field(100, ge=1, le=MAX_ITEMS)
 
 
 class DecisionIn(BaseModel):

@@ -16,11 +16,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 from django.utils import timezone
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from budgets.models import Budget
 from budgets.selectors import budget_status, budgets_for_principal
 from reporting import opportunities, recommendations
+from reporting.params import Filters, QueryInt
 from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
@@ -61,7 +62,7 @@ EFFICIENCY_COLUMNS = (
 )
 
 
-class ReportIn(BaseModel):
+class ReportIn(Filters):
     """A report's parameters (query string or /signals data); every name is checked."""
 
     model_config = ConfigDict(extra="forbid")
@@ -72,23 +73,8 @@ class ReportIn(BaseModel):
     tz: str | None = Field(None, description="IANA time zone of days, weeks and months.")
     group_by: str | list[str] | None = Field(None, description="Comma-separated dimensions.")
     interval: Literal["hour", "day", "week", "month"] | None = None
-    top: int = Field(10, ge=1, le=MAX_TOP, description="Rows per top-consumers table.")
+    top: QueryInt = Field(10, ge=1, le=MAX_TOP, description="Rows per top-consumers table.")
     top_by: str | list[str] | None = Field(None, description="Dimensions of the top tables.")
-    provider: str | None = Field(None, max_length=64)
-    model: str | None = Field(None, max_length=128)
-    team_id: str | None = Field(None, max_length=128)
-    project_id: str | None = Field(None, max_length=128)
-    user_id: str | None = Field(None, max_length=128)
-    feature: str | None = Field(None, max_length=128)
-    agent: str | None = Field(None, max_length=128)
-    task_type: str | None = Field(None, max_length=128)
-
-    @field_validator("top", mode="before")
-    @classmethod
-    def _top_from_text(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        return value
 
 
 class Query:

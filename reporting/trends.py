@@ -10,8 +10,9 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from django.utils import timezone
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from reporting.params import QueryInt
 from reporting.reports import MAX_GROUPS, _fixed, _rounded, dimensions
 from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
@@ -38,8 +39,8 @@ class TrendsIn(BaseModel):
     metric: Metric = "cost"
     since: str | None = Field(None, description="ISO 8601; default: 7 days before until.")
     until: str | None = Field(None, description="ISO 8601; default: now.")
-    top: int = Field(5, ge=1, le=MAX_TOP, description="Growers and decliners per dimension.")
-    min_previous: int = Field(
+    top: QueryInt = Field(5, ge=1, le=MAX_TOP, description="Growers and decliners per dimension.")
+    min_previous: QueryInt = Field(
         0, ge=0, description="Leave series smaller than this before (metric units) out of pct."
     )
     team_id: str | None = Field(None, max_length=128)
@@ -48,13 +49,6 @@ class TrendsIn(BaseModel):
     model: str | None = Field(None, max_length=128)
     feature: str | None = Field(None, max_length=128)
     agent: str | None = Field(None, max_length=128)
-
-    @field_validator("top", "min_previous", mode="before")
-    @classmethod
-    def _int_from_text(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        return value
 
 
 MEASURES_OF = {
