@@ -156,7 +156,6 @@ PAGE_MATRIX: dict[str, tuple[int, ...]] = {
     "admin/provenance/workflows/<path:workflow_id>/":     _PAGE,
     # The Reports page (issue 12).
     "admin/reports/":                                     _PAGE,
-    # Analytics pages (issue 13).
 }
 # fmt: on
 

@@ -94,14 +94,12 @@ app.conf.beat_schedule = {
         "task": "budgets.tasks.overrides_expire",
         "schedule": 60.0,
     },
-    # analytics: anomalies
     # Hourly buckets close on the hour: every 10 minutes catches a spike within minutes of its
     # hour's end; each run reads only the last hours and days from the rollups.
     "reporting-anomalies-detect": {
         "task": "reporting.tasks.anomalies_detect",
         "schedule": 600.0,
     },
-    # analytics: recommendations
     # Recommendations rest on 30 days of rollups and a day-to-week ledger sample: an hour changes
     # little, and each run (organisation-wide, then the scopes of rows it did not see) reads a
     # bounded window, so hourly keeps ids and "stale" marks fresh at a small cost.

@@ -218,7 +218,6 @@ class Command(BaseCommand):
         reprice.add_argument("--apply", action="store_true", help="Rewrite the costs.")
         reprice.add_argument("--json", action="store_true", help="Print JSON.")
 
-        # analytics: reconcile (arguments)
         bill = sub.add_parser(
             "reconcile", help="Compare a provider's cost export (CSV or JSON) with the ledger."
         )
@@ -236,7 +235,6 @@ class Command(BaseCommand):
             help="Compare per project too (auto: when the export's projects are ledger ids).",
         )
         bill.add_argument("--json", action="store_true", help="Print JSON.")
-        # analytics: backtest (arguments)
         backtest = sub.add_parser(
             "backtest", help="Replay history: the forecast's error (MAPE) per series and overall."
         )
@@ -290,7 +288,6 @@ class Command(BaseCommand):
             "budget": self.budget,
             "cost": self.cost,
             "reprice": self.reprice,
-            # analytics: verbs
             "reconcile": self.reconcile,
             "backtest": self.backtest,
         }
