@@ -5,7 +5,7 @@ edited: a new file is a new import."""
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from django import forms
@@ -24,6 +24,11 @@ from tokenmgr_project.core.principal import Principal
 from usage.actions import actor_label
 from usage.admin.display import EMPTY, amount, clipped, when
 from usage.admin.repricing import signed
+
+
+def _cents(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("0.01"), ROUND_HALF_UP)
+
 
 # Lines shown on an import's page; the API (GET /api/v1/reconciliations/<id>) has them all.
 MAX_LINES_SHOWN = 500
@@ -128,18 +133,20 @@ class BillImportAdmin(admin.ModelAdmin):
         days = (obj.last_day - obj.first_day).days + 1
         return f"{obj.first_day}, {days} day{'s' if days > 1 else ''}"
 
+    # The list rounds to cents (it must fit 1366 px); each import's page has the exact amounts.
     @admin.display(description="billed (USD)", ordering="billed")
     def billed_usd(self, obj: BillImport) -> str:
-        return amount(obj.billed)
+        return amount(_cents(obj.billed))
 
     @admin.display(description="ledger (USD)", ordering="ledger")
     def ledger_usd(self, obj: BillImport) -> str:
-        return amount(obj.ledger)
+        return amount(_cents(obj.ledger))
 
     @admin.display(description="difference")
     def difference_usd(self, obj: BillImport) -> str:
         difference = obj.ledger - obj.billed
-        return f"{signed(difference)} ({_pct(reconcile.percent(difference, obj.billed))})"
+        percent = _pct(reconcile.percent(difference, obj.billed))
+        return f"{signed(_cents(difference))} ({percent})"
 
     @admin.display(description="filename")
     def file_name(self, obj: BillImport) -> SafeString:
