@@ -52,7 +52,7 @@ from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import rollups
-from usage.selectors import parse_range, scope_columns, usage_for_principal
+from usage.selectors import aggregate_for, parse_range
 
 # The dimensions a series may be (a scope or an attribution the rollups keep).
 SERIES_DIMENSIONS = ("team_id", "project_id", "user_id", "model", "feature", "agent", "provider")
@@ -361,15 +361,14 @@ def detect(
         filters[dimension] = series
     keys = _series_keys(dimension)
     limit = MAX_SERIES_BUCKETS
-    result = rollups.aggregate(
-        ledger=usage_for_principal(principal),
+    result = aggregate_for(
+        principal,
         filters=filters,
         group_by=keys,
         since=start,
         until=until,
         interval=granularity,
         tz=_UTC,
-        scope=scope_columns(principal),
         limit=limit,
         check=False,  # history before retention's cutoff is read from the rollups
         measures=METRIC_MEASURES[metric],
@@ -458,15 +457,14 @@ def drivers_for(principal: Principal, finding: Finding, filters: dict[str, str])
     wanted = {finding.bucket, *baseline_at}
     history: dict[str, dict[Any, dict[datetime, int]]] = {d: {} for d in dims}
     for start, end in _driver_ranges(finding.bucket, baseline_at, step):
-        result = rollups.aggregate(
-            ledger=usage_for_principal(principal),
+        result = aggregate_for(
+            principal,
             filters=base,
             group_by=dims,
             since=start,
             until=end,
             interval=finding.granularity,
             tz=_UTC,
-            scope=scope_columns(principal),
             limit=500_000,
             check=False,
             measures=METRIC_MEASURES[finding.metric],

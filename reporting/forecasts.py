@@ -57,7 +57,7 @@ from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import rollups
 from usage.pricing import money
-from usage.selectors import parse_range, parse_tz, scope_columns, usage_for_principal
+from usage.selectors import aggregate_for, parse_range, parse_tz
 
 MIN_HISTORY_DAYS = 7
 WEEKDAY_FACTOR_DAYS = 21
@@ -234,18 +234,17 @@ def _daily(
     since: datetime,
     until: datetime,
     tz: zoneinfo.ZoneInfo,
-    scoped: bool,
 ) -> tuple[dict[tuple[Any, ...], dict[date, int]], str, bool]:
-    """Cost units per local day per group: ({group: {day: units}}, source, truncated)."""
-    result = rollups.aggregate(
-        ledger=usage_for_principal(principal),
+    """Cost units per local day per group: ({group: {day: units}}, source, truncated). A
+    visible budget's filters hold the caller's scope, so its spend reads the same in scope."""
+    result = aggregate_for(
+        principal,
         filters=filters,
         group_by=group_by,
         since=since,
         until=until,
         interval="day",
         tz=tz,
-        scope=scope_columns(principal) if scoped else None,
         limit=MAX_GROUPS,
     )
     out: dict[tuple[Any, ...], dict[date, int]] = {}
@@ -377,7 +376,6 @@ def _budget_item(
         since=since,
         until=now,
         tz=tz,
-        scoped=False,  # the budget is the caller's (budgets_for_principal), its filters narrower
     )
     daily = found.get((), {})
     model = fit(daily, start=today, window=window)
@@ -445,7 +443,6 @@ def forecast_usage(
         since=since,
         until=now,
         tz=tz,
-        scoped=True,
     )
     largest = sorted(found.items(), key=lambda kv: (-sum(kv[1].values()), str(kv[0][0])))
     series = []
@@ -575,7 +572,6 @@ def forecast_backtest(
         since=_local_midnight(first_origin - timedelta(days=window), utc),
         until=_local_midnight(today, utc),
         tz=utc,
-        scoped=True,
     )
     horizons = sorted({1, horizon})
     overall = {h: _Errors([]) for h in horizons}

@@ -37,7 +37,7 @@ from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import GLOBAL, PROJECT, TEAM, Principal, in_scope
 from usage import rollups
 from usage.pricing import money
-from usage.selectors import parse_range, scope_columns, usage_for_principal
+from usage.selectors import aggregate_for, parse_range
 from usage.services import manager_config
 
 KINDS = opportunities.ALL_KINDS
@@ -160,13 +160,12 @@ def require_enabled() -> None:
 
 def _aggregate(principal: Principal, filters: dict[str, str]) -> opportunities.Aggregate:
     def run(group_by: Sequence[str], *, since: datetime, until: datetime) -> rollups.Result:
-        return rollups.aggregate(
-            ledger=usage_for_principal(principal),
+        return aggregate_for(
+            principal,
             filters=filters,
             group_by=group_by,
             since=since,
             until=until,
-            scope=scope_columns(principal),
             limit=MAX_GROUPS,
         )
 

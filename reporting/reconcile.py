@@ -36,7 +36,7 @@ from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import pricing, rollups
 from usage.schemas import Strict
-from usage.selectors import scope_columns, usage_for_principal
+from usage.selectors import aggregate_for
 
 PROVIDERS = ("openai", "anthropic")
 Provider = Literal["openai", "anthropic"]
@@ -641,15 +641,14 @@ def _some(names: set[str]) -> str:
 
 def _ledger_cells(principal: Principal, provider: str, first: date, last: date) -> Any:
     since = datetime.combine(first, time.min, tzinfo=UTC)
-    return rollups.aggregate(
-        ledger=usage_for_principal(principal),
+    return aggregate_for(
+        principal,
         filters={"provider": provider},
         group_by=["project_id", "model"],
         since=since,
         until=datetime.combine(last, time.min, tzinfo=UTC) + DAY,
         interval="day",
         tz=rollups.parse_tz("UTC"),
-        scope=scope_columns(principal),
     ).rows
 
 

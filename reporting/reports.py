@@ -27,7 +27,7 @@ from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import rollups
 from usage.pricing import money
-from usage.selectors import parse_range, parse_tz, scope_columns, usage_for_principal
+from usage.selectors import aggregate_for, parse_range, parse_tz
 
 KINDS = ("usage", "cost", "optimization")
 DIMENSIONS = rollups.FINE_DIMENSIONS
@@ -111,15 +111,14 @@ class Query:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> rollups.Result:
-        return rollups.aggregate(
-            ledger=usage_for_principal(self.principal),
+        return aggregate_for(
+            self.principal,
             filters=self.filters,
             group_by=group_by,
             since=since or self.since,
             until=until or self.until,
             interval=interval,
             tz=self.tz,
-            scope=scope_columns(self.principal),
             limit=MAX_GROUPS,
         )
 

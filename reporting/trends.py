@@ -18,7 +18,7 @@ from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
 from usage import rollups
-from usage.selectors import parse_range, scope_columns, usage_for_principal
+from usage.selectors import aggregate_for, parse_range
 
 DEFAULT_DIMENSIONS = ("team_id", "project_id", "user_id", "model", "feature", "agent")
 DEFAULT_RANGE = timedelta(days=7)
@@ -91,13 +91,12 @@ def trends(principal: Principal, data: Any, *, now: datetime | None = None) -> d
     def aggregate(
         group_by: list[str], start: datetime, end: datetime, *, limit: int = MAX_GROUPS
     ) -> rollups.Result:
-        return rollups.aggregate(
-            ledger=usage_for_principal(principal),
+        return aggregate_for(
+            principal,
             filters=filters,
             group_by=group_by,
             since=start,
             until=end,
-            scope=scope_columns(principal),
             limit=limit,
             measures=MEASURES_OF[params.metric],
         )

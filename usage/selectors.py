@@ -169,6 +169,14 @@ def scope_columns(principal: Principal) -> dict[str, str]:
     return scope
 
 
+def aggregate_for(principal: Principal, **query: Any) -> rollups.Result:
+    """rollups.aggregate in the caller's scope: its ledger rows for the raw half and its scope
+    as columns for the rollup half, always together."""
+    return rollups.aggregate(
+        ledger=usage_for_principal(principal), scope=scope_columns(principal), **query
+    )
+
+
 def summary_row(values: dict[str, int]) -> dict[str, Any]:
     """One group's rollup measures as the API shows them (money as Decimal text)."""
     return {
@@ -229,15 +237,14 @@ def usage_summary(*, principal: Principal, params: dict[str, Any]) -> dict[str, 
     _check_names(params)
     filters = exact_filters(params)
     since, until = parse_range(params)
-    result = rollups.aggregate(
-        ledger=usage_for_principal(principal),
+    result = aggregate_for(
+        principal,
         filters=filters,
         group_by=dims,
         since=since,
         until=until,
         interval=interval,
         tz=tz,
-        scope=scope_columns(principal),
         limit=MAX_SUMMARY_ROWS,
     )
     if not dims and not interval and not result.rows:
