@@ -13,7 +13,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field
 
 from reporting.params import QueryInt
-from reporting.reports import MAX_GROUPS, _fixed, _rounded, dimensions
+from reporting.reports import MAX_GROUPS, _fixed, _fold, _rounded, dimensions
 from tokenmgr_project.core.actions import validate
 from tokenmgr_project.core.errors import ApiError
 from tokenmgr_project.core.principal import Principal
@@ -113,8 +113,8 @@ def trends(principal: Principal, data: Any, *, now: datetime | None = None) -> d
         before_all = aggregate(fine, since - length, since, limit=MAX_FOLDED)
         sources |= {now_all.plan.source, before_all.plan.source}
         truncated |= now_all.truncated or before_all.truncated
-        for i, dim in enumerate(fine):
-            folded[dim] = (_fold(now_all.rows, i), _fold(before_all.rows, i))
+        for dim in fine:
+            folded[dim] = (_fold(now_all.rows, fine, [dim]), _fold(before_all.rows, fine, [dim]))
     for dim in dims:
         if dim in folded:
             now_rows, before_rows = folded[dim]
@@ -184,16 +184,6 @@ def trends(principal: Principal, data: Any, *, now: datetime | None = None) -> d
         },
         "dimensions": sections,
     }
-
-
-def _fold(rows: dict[tuple[Any, ...], dict[str, int]], i: int) -> dict[Any, dict[str, int]]:
-    """Groups keyed by several dimensions summed into groups of the i-th one."""
-    out: dict[Any, dict[str, int]] = {}
-    for key, values in rows.items():
-        into = out.setdefault((key[i],), dict.fromkeys(values, 0))
-        for m, v in values.items():
-            into[m] += v
-    return out
 
 
 def _row(r: dict[str, Any], dim: str, metric: str) -> dict[str, Any]:

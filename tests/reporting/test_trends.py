@@ -132,3 +132,34 @@ def test_bad_input_is_a_named_400(platform: Persona, params: dict[str, str], fie
     response = platform.client.get("/api/v1/trends", params)
     assert response.status_code == 400, response.content
     assert field in response.json()["error"]["fields"], response.json()
+
+
+def test_the_fine_dimensions_read_together_equal_the_ledger(platform: Persona) -> None:
+    """Users, features and agents come from one grouped read per period, folded per dimension."""
+    events = [
+        event(
+            f"f{i}",
+            occurred_at=(NOW - timedelta(days=1 if i % 3 else 9, minutes=i)).isoformat(),
+            team_id="search",
+            model="gpt-4o",
+            input_tokens=100 * (i + 1),
+            user_id=f"u{i % 2}",
+            feature=f"feat{i % 3}",
+            agent=f"agent{i % 4}",
+        )
+        for i in range(24)
+    ]
+    response = platform.client.post("/api/v1/usage/batch", {"events": events}, format="json")
+    assert response.status_code in (200, 201, 207), response.content
+    settle()
+    body = platform.client.get("/api/v1/trends", {**RANGE, "top": "100"}).json()
+    since, until, before = NOW - WEEK, NOW, NOW - 2 * WEEK
+    for dim in ("user_id", "feature", "agent"):
+        section = body["dimensions"][dim]
+        rows = {r[dim]: r for r in section["growers"] + section["decliners"]}
+        assert rows, dim
+        values = set(TokenUsage.objects.values_list(dim, flat=True))
+        assert section["series"] == len(values), dim
+        for value, row in rows.items():
+            assert Decimal(row["current"]) == _cost(since, until, **{dim: value}), (dim, value)
+            assert Decimal(row["previous"]) == _cost(before, since, **{dim: value}), (dim, value)
