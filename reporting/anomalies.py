@@ -26,7 +26,8 @@ the range has it, the request is a 400 naming `since`.
 
 Drivers: for an anomalous bucket, each driver dimension (model, user, feature, agent, and the
 project under a team) splits the series; a driver's excess is its value minus its median over
-the previous 14 days (days) or the same hour of the previous 7 days (hours); the largest
+the days of the same kind (weekday or weekend) of the previous 14 days (days) or the same hour
+of those of the previous 7 days (hours); the largest
 positive excesses (for a drop: the largest shortfalls) explain it, with their share of the
 series' excess.
 """
@@ -438,8 +439,9 @@ def drivers_for(principal: Principal, finding: Finding, filters: dict[str, str])
     """What explains one anomaly: per driver dimension, the values whose excess over their own
     recent median is largest (a drop: the largest shortfall), with their share of the series'
     excess; the largest across dimensions first. One grouped read of the series' rollups over
-    the bucket and its driver window (the previous 14 days; an hour: the same hour of the
-    previous 7 days), folded per dimension."""
+    the bucket and its driver window (the days of the same kind, weekday or weekend, of the
+    previous 14 days; an hour: the same hour of those of the previous 7 days), folded per
+    dimension."""
     step = STEP[finding.granularity]
     if finding.granularity == "day":
         window, every = timedelta(days=DAY_WINDOW), step
@@ -453,7 +455,14 @@ def drivers_for(principal: Principal, finding: Finding, filters: dict[str, str])
         for d in DRIVER_DIMENSIONS
         if d != finding.dimension and (d != "project_id" or finding.dimension == "team_id")
     ]
-    baseline_at = [finding.bucket - every * k for k in range(1, int(window / every) + 1)]
+    # The same kind of day (weekday or weekend) as the anomaly's, as the series' own baseline:
+    # a Saturday's driver is not held against the weekdays' level.
+    weekend = finding.bucket.weekday() >= 5
+    baseline_at = [
+        at
+        for k in range(1, int(window / every) + 1)
+        if ((at := finding.bucket - every * k).weekday() >= 5) == weekend
+    ]
     wanted = {finding.bucket, *baseline_at}
     history: dict[str, dict[Any, dict[datetime, int]]] = {d: {} for d in dims}
     for start, end in _driver_ranges(finding.bucket, baseline_at, step):

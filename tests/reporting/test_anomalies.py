@@ -268,3 +268,16 @@ def test_the_admin_lists_recorded_anomalies_with_their_drivers(admin: Persona) -
     assert "user_id team-1-u9" in text
     assert anomalies.anomaly_message(row).split(" against")[0] in text
     assert admin.client.get("/admin/reporting/anomaly/add/").status_code == 403
+
+
+def test_a_weekend_spike_is_explained_against_weekends() -> None:
+    """A Saturday's driver is held against earlier weekend days, not the busier weekdays."""
+    day = END - 2 * DAY
+    while day.weekday() != 5:
+        day -= DAY
+    _history(Spike("team-1", day, "day", 3.0, "model", "gpt-4o"))
+    found = _days()
+    assert [(f.series, f.bucket) for f in found.findings] == [("team-1", day)]
+    drivers = anomalies.drivers_for(ORG, found.findings[0], {})
+    assert (drivers[0]["dimension"], drivers[0]["value"]) == ("model", "gpt-4o")
+    assert 85 <= float(drivers[0]["share_of_excess"]) <= 115
